@@ -1,0 +1,9 @@
+"""mindflux: the FLUX.1 image-generation stack (diffusers names and numbers) on MindSpore."""
+
+from .device import get_device, set_device
+from .modeling_utils import ModelMixin, WeightsLoadingError
+from .models import FluxTransformer2DModel
+
+__version__ = "0.1.0"
+
+__all__ = ["FluxTransformer2DModel", "ModelMixin", "WeightsLoadingError", "get_device", "set_device"]

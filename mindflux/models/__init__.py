@@ -1,0 +1,3 @@
+from .transformer_flux import FluxTransformer2DModel, Transformer2DModelOutput
+
+__all__ = ["FluxTransformer2DModel", "Transformer2DModelOutput"]

@@ -1,0 +1,34 @@
+"""Attention: one dispatch between the portable math path and Ascend's fused flash-attention kernel."""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from ..device import get_device
+
+# (B, H, S, D) x (B, H, S, D) -> (B, H, S, S): transpose_b reads k as stored; an explicit
+# transpose would be a copy on the CPU (measured 17 ms vs 38 ms for 1152 tokens x 4 heads).
+_scores = ops.BatchMatMul(transpose_b=True)
+_weighted_sum = ops.BatchMatMul()
+
+
+def default_attention_backend() -> str:
+    """"flash" on Ascend (FlashAttentionScore exists only there), "math" elsewhere."""
+    return "flash" if get_device() == "Ascend" else "math"
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, backend: str = "math") -> Tensor:
+    """softmax(q k^T / sqrt(D)) v for (B, H, S, D) inputs, no mask (FLUX attends to every token)."""
+    heads, head_dim = query.shape[1], query.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim)
+    if backend == "flash":
+        return ops.flash_attention_score(query, key, value, heads, input_layout="BNSD", scalar_value=scale)
+    scores = _scores(query, key) * scale
+    if scores.dtype != ms.float32:
+        probs = ops.softmax(scores.astype(ms.float32), -1).astype(query.dtype)
+    else:
+        probs = ops.softmax(scores, -1)
+    return _weighted_sum(probs, value)

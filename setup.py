@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mindflux",
+    version="0.1.0",
+    description="FLUX.1 (diffusers-compatible) text-to-image inference and LoRA training on MindSpore",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9,<3.12",
+    packages=find_packages(include=["mindflux", "mindflux.*"]),
+    install_requires=[
+        "mindspore>=2.7.1",
+        "numpy>=1.20,<2",  # numpy 2 breaks MindSpore 2.7
+        "safetensors",
+        "transformers>=4.57,<4.58",  # tokenizers and configs only; never its torch models
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        # only to regenerate the PyTorch reference dumps (tests/parity/make_dumps.py) and run bench/
+        "torch": ["torch==2.13.0", "diffusers==0.35.2", "peft", "sentencepiece", "protobuf"],
+        "mindone": ["mindone==0.5.0"],
+        "tensorboard": ["tensorboardX"],
+    },
+)

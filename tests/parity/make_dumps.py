@@ -1,0 +1,92 @@
+"""Regenerate the PyTorch reference fixtures under tests/fixtures/ (dev only: `pip install -e .[torch]`).
+
+    python tests/parity/make_dumps.py               # every topic
+    python tests/parity/make_dumps.py transformer   # some topics
+    python tests/parity/make_dumps.py --check       # regenerate into a temporary folder and compare
+
+Each topic is a list of stages. A "torch" stage runs diffusers / transformers / peft; a
+"mindspore" stage writes files with mindflux that a later torch stage loads (interop both
+ways). Every stage runs in its own process, so torch and MindSpore never share one.
+The tests read only the files written here; they never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# topic -> [(runtime, "module:function")]; modules live beside this file.
+TOPICS: dict[str, list[tuple[str, str]]] = {
+    "transformer": [
+        ("torch", "dump_transformer:make_reference"),
+        ("mindspore", "dump_transformer:write_mindflux_copy"),
+        ("torch", "dump_transformer:load_mindflux_copy"),
+    ],
+}
+
+
+def run_stage(spec: str, out: Path) -> None:
+    module_name, func = spec.split(":")
+    sys.path.insert(0, str(ROOT))
+    module = importlib.import_module(f"tests.parity.{module_name}")
+    getattr(module, func)(out)
+
+
+def generate(topics: list[str], root: Path) -> None:
+    for topic in topics:
+        out = root / topic
+        out.mkdir(parents=True, exist_ok=True)
+        for runtime, spec in TOPICS[topic]:
+            print(f"[{topic}] {runtime}: {spec}", flush=True)
+            env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOG_v="3")
+            command = [sys.executable, __file__, "--stage", spec, "--out", str(out)]
+            subprocess.run(command, check=True, env=env, cwd=ROOT)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("topics", nargs="*", help=f"topics to regenerate (default: all of {', '.join(TOPICS)})")
+    parser.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare")
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        run_stage(args.stage, Path(args.out))
+        return
+    topics = args.topics or list(TOPICS)
+    unknown = [t for t in topics if t not in TOPICS]
+    if unknown:
+        parser.error(f"unknown topics {unknown}; known: {list(TOPICS)}")
+    if not args.check:
+        for topic in topics:
+            shutil.rmtree(FIXTURES / topic, ignore_errors=True)
+        generate(topics, FIXTURES)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(topics, Path(tmp))
+        differ = []
+        for topic in topics:
+            old, new = digest(FIXTURES / topic), digest(Path(tmp) / topic)
+            differ += [f"{topic}/{name}" for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        if differ:
+            sys.exit("regenerated fixtures differ from the committed ones:\n  " + "\n  ".join(differ))
+        print(f"all fixtures of {', '.join(topics)} reproduce byte for byte")
+
+
+if __name__ == "__main__":
+    main()
