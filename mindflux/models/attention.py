@@ -20,13 +20,19 @@ def default_attention_backend() -> str:
     return "flash" if get_device() == "Ascend" else "math"
 
 
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, backend: str = "math") -> Tensor:
-    """softmax(q k^T / sqrt(D)) v for (B, H, S, D) inputs, no mask (FLUX attends to every token)."""
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, backend: str = "math",
+                                 scale: float | None = None) -> Tensor:
+    """softmax(scale * q k^T) v for (B, H, S, D) inputs, no mask (FLUX attends to every token).
+
+    `scale` defaults to 1/sqrt(D); callers that folded it into q pass 1.0.
+    """
     heads, head_dim = query.shape[1], query.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if backend == "flash":
         return ops.flash_attention_score(query, key, value, heads, input_layout="BNSD", scalar_value=scale)
-    scores = _scores(query, key) * scale
+    scores = _scores(query, key)
+    if scale != 1.0:
+        scores = scores * scale
     if scores.dtype != ms.float32:
         probs = ops.softmax(scores.astype(ms.float32), -1).astype(query.dtype)
     else:

@@ -23,12 +23,14 @@ from mindspore import Tensor, nn, ops
 from ..configuration_utils import register_to_config
 from ..device import get_device
 from ..modeling_utils import ModelMixin
+from .activations import gelu_tanh
 from .attention import default_attention_backend, scaled_dot_product_attention
 from .embeddings import (
     CombinedTimestepGuidanceTextProjEmbeddings,
     CombinedTimestepTextProjEmbeddings,
     FluxPosEmbed,
     apply_rotary_emb,
+    rotate_pairs_matrix,
 )
 from .normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, LayerNorm, RMSNorm
 from .single_file import load_bfl_transformer
@@ -58,7 +60,7 @@ class GELU(nn.Cell):
         self.proj = nn.Dense(dim_in, dim_out)
 
     def construct(self, x: Tensor) -> Tensor:
-        return ops.gelu(self.proj(x), approximate="tanh")
+        return gelu_tanh(self.proj(x))
 
 
 class FeedForward(nn.Cell):
@@ -84,6 +86,8 @@ class FluxAttention(nn.Cell):
                  pre_only: bool = False, eps: float = 1e-6, backend: str = "math"):
         super().__init__()
         self.heads, self.head_dim, self.backend = heads, head_dim, backend
+        self.scale = head_dim**-0.5
+        self.rotate_pairs = rotate_pairs_matrix(head_dim)
         inner = heads * head_dim
         self.to_q = nn.Dense(dim, inner)
         self.to_k = nn.Dense(dim, inner)
@@ -110,8 +114,7 @@ class FluxAttention(nn.Cell):
             h = norm(h)
         return h.transpose(0, 2, 1, 3)
 
-    def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                  cos: Tensor | None = None, sin: Tensor | None = None):
+    def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor | None, cos: Tensor, sin: Tensor):
         q = self._split_heads(hidden_states, self.to_q, self.norm_q)
         k = self._split_heads(hidden_states, self.to_k, self.norm_k)
         v = self._split_heads(hidden_states, self.to_v, None)
@@ -119,10 +122,10 @@ class FluxAttention(nn.Cell):
             q = ops.cat((self._split_heads(encoder_hidden_states, self.add_q_proj, self.norm_added_q), q), 2)
             k = ops.cat((self._split_heads(encoder_hidden_states, self.add_k_proj, self.norm_added_k), k), 2)
             v = ops.cat((self._split_heads(encoder_hidden_states, self.add_v_proj, None), v), 2)
-        if cos is not None:
-            q = apply_rotary_emb(q, cos, sin)
-            k = apply_rotary_emb(k, cos, sin)
-        out = scaled_dot_product_attention(q, k, v, self.backend)  # (B, H, S, D)
+        # The softmax scale goes into q's rotation tables, (S, D), instead of the (B, H, S, S) scores.
+        q = apply_rotary_emb(q, cos * self.scale, sin * self.scale, self.rotate_pairs)
+        k = apply_rotary_emb(k, cos, sin, self.rotate_pairs)
+        out = scaled_dot_product_attention(q, k, v, self.backend, scale=1.0)  # (B, H, S, D)
         b, _, s, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(b, s, self.heads * self.head_dim)
         if self.pre_only:
@@ -180,7 +183,7 @@ class FluxSingleTransformerBlock(nn.Cell):
 
     def construct(self, hidden_states: Tensor, temb: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x, gate = self.norm(hidden_states, temb)
-        mlp = ops.gelu(self.proj_mlp(x), approximate="tanh")
+        mlp = gelu_tanh(self.proj_mlp(x))
         attn = self.attn(x, None, cos, sin)
         hidden_states = hidden_states + gate[:, None] * self.proj_out(ops.cat((attn, mlp), -1))
         return _clip_fp16(hidden_states)
