@@ -206,6 +206,8 @@ class ModelMixin(nn.Cell, ConfigMixin):
         shards: list[list[tuple[str, ms.Parameter]]] = [[]]
         size = 0
         for name, param in self.named_parameters():
+            if ".lora_" in name:  # adapters are saved with save_lora_weights, not with the base model
+                continue
             nbytes = int(np.prod(param.shape)) * param.itemsize
             if shards[-1] and size + nbytes > limit:
                 shards.append([])

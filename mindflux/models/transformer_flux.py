@@ -22,6 +22,7 @@ from mindspore import Tensor, nn, ops
 
 from ..configuration_utils import register_to_config
 from ..device import get_device
+from ..lora.peft_mixin import PeftAdapterMixin
 from ..modeling_utils import ModelMixin
 from .activations import gelu_tanh
 from .attention import default_attention_backend, scaled_dot_product_attention
@@ -189,7 +190,7 @@ class FluxSingleTransformerBlock(nn.Cell):
         return _clip_fp16(hidden_states)
 
 
-class FluxTransformer2DModel(ModelMixin):
+class FluxTransformer2DModel(PeftAdapterMixin, ModelMixin):
     """The FLUX.1 transformer. Defaults are FLUX.1-dev's / schnell's (guidance_embeds differs)."""
 
     _checkpointed_block_lists = ("transformer_blocks", "single_transformer_blocks")
@@ -261,13 +262,6 @@ class FluxTransformer2DModel(ModelMixin):
             return super().__call__(**bound.arguments)
         finally:
             self.set_lora_scale(previous)
-
-    def set_lora_scale(self, scale: float) -> float:
-        """Multiply every LoRA layer's output by `scale`; returns the previous scale.
-        Without LoRA layers this warns, as diffusers does."""
-        if scale != 1.0:
-            logger.warning("joint_attention_kwargs['scale'] has no effect: the transformer has no LoRA layers")
-        return 1.0
 
     def _check_inputs(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                       guidance):

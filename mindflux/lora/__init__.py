@@ -1,0 +1,4 @@
+from .layer import LoraConfig, LoraLinear
+from .peft_mixin import PeftAdapterMixin
+
+__all__ = ["LoraConfig", "LoraLinear", "PeftAdapterMixin"]
