@@ -91,3 +91,28 @@ class AdaLayerNormContinuous(nn.Cell):
     def construct(self, x: Tensor, conditioning: Tensor) -> Tensor:
         scale, shift = ops.chunk(self.linear(ops.silu(conditioning).astype(x.dtype)), 2, 1)
         return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class GroupNorm(nn.Cell):
+    """GroupNorm over (B, C, ...) with torch's `weight` / `bias` names, computed in fp32 for half inputs
+    (torch's GroupNorm keeps fp32 statistics too). `ops.group_norm` has CPU, GPU and Ascend kernels."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+        if affine:
+            self.weight = Parameter(initializer("ones", (num_channels,), ms.float32))
+            self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32))
+        else:
+            self.weight = self.bias = None
+        self._ones = Tensor(np.ones(num_channels, np.float32))
+        self._zeros = Tensor(np.zeros(num_channels, np.float32))
+
+    def construct(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        gamma = self.weight.astype(ms.float32) if self.weight is not None else self._ones
+        beta = self.bias.astype(ms.float32) if self.bias is not None else self._zeros
+        out = ops.group_norm(x.astype(ms.float32), self.num_groups, gamma, beta, self.eps)
+        return out.astype(dtype)

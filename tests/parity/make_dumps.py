@@ -32,6 +32,8 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
         ("mindspore", "dump_transformer:write_mindflux_copy"),
         ("torch", "dump_transformer:load_mindflux_copy"),
     ],
+    "vae": [("torch", "dump_vae:make_reference")],
+    "scheduler": [("torch", "dump_scheduler:make_reference")],
 }
 
 
