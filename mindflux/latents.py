@@ -7,6 +7,8 @@ position ids (row, column) per token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from mindspore import Tensor
 
@@ -59,3 +61,22 @@ def normalize_latents(latents: Tensor, scaling_factor: float, shift_factor: floa
 def denormalize_latents(latents: Tensor, scaling_factor: float, shift_factor: float) -> Tensor:
     """The transformer's latent space -> VAE latents for decoding: z / scale + shift."""
     return latents / scaling_factor + shift_factor
+
+
+def standard_normal(shape: Sequence[int], generator: np.random.Generator | int | None = None) -> np.ndarray:
+    """float32 N(0, 1) noise drawn on the host.
+
+    `generator` is a numpy Generator (its state advances, so a training loop owns one and gets a
+    reproducible stream), an int seed (a fresh Generator: same seed, same noise), or None (numpy's
+    global state, seedable with np.random.seed, as torch's global RNG is with manual_seed).
+    Host noise is the same on CPU, GPU and Ascend and in both execution modes; MindSpore's own
+    Generator-driven ops (mint.randn / mint.normal) have no CPU kernels. The copy to the device is
+    small: a 1024^2 image has 16 x 128 x 128 latents, 1 MiB.
+    """
+    if generator is None:
+        return np.random.standard_normal(tuple(shape)).astype(np.float32)
+    if not isinstance(generator, np.random.Generator):
+        if isinstance(generator, (bool, float)) or not isinstance(generator, (int, np.integer)):
+            raise TypeError(f"generator must be a numpy.random.Generator, an int seed or None; got {type(generator)}")
+        generator = np.random.default_rng(int(generator))
+    return generator.standard_normal(tuple(shape), dtype=np.float32)

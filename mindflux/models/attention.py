@@ -28,7 +28,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, back
     """
     heads, head_dim = query.shape[1], query.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if backend == "flash":
+    if backend == "flash" and query.dtype != ms.float32:  # the fused kernel takes fp16/bf16 only
         return ops.flash_attention_score(query, key, value, heads, input_layout="BNSD", scalar_value=scale)
     scores = _scores(query, key)
     if scale != 1.0:
