@@ -1,0 +1,423 @@
+"""FluxPipeline: text to image with FLUX.1-dev / schnell, diffusers' arguments, defaults and numbers.
+
+The data flow of one call, for B prompts, n images per prompt, an H x W image, L text tokens and
+N = (H/16) * (W/16) image tokens:
+
+    prompt --CLIP (pooled), T5--> pooled_prompt_embeds (B*n, 768), prompt_embeds (B*n, L, 4096)
+    host noise (B*n, 16, H/8, W/8) --pack--> latents (B*n, N, 64), latent_image_ids (N, 3)
+    sigmas linspace(1, 1/steps) + mu(N) --scheduler.set_timesteps--> timesteps (steps,)
+    per step: transformer(latents, t/1000, guidance, text) -> velocity (B*n, N, 64)
+              [true CFG: neg + scale * (pos - neg)] --scheduler.step--> latents
+    unpack (B*n, 16, H/8, W/8) --denormalize--> VAE decode (B*n, 3, H, W) in [-1, 1]
+    --> [0, 1], clamped --> PIL images / numpy (B*n, H, W, 3)
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+from ..device import get_device
+from ..latents import (
+    calculate_shift,
+    denormalize_latents,
+    latent_size,
+    pack_latents,
+    prepare_latent_image_ids,
+    prepare_text_ids,
+    standard_normal,
+    unpack_latents,
+)
+from .pipeline_utils import DiffusionPipeline, synchronize
+
+logger = logging.getLogger(__name__)
+
+Generator = Union[np.random.Generator, int]
+OUTPUT_TYPES = ("pil", "np", "ms", "latent")
+
+
+@dataclass
+class FluxPipelineOutput:
+    """`images`: a list of PIL images, a (B, H, W, 3) float32 array in [0, 1] ("np"), a (B, 3, H, W)
+    Tensor in [0, 1] ("ms"), or the packed (B, N, 64) latents ("latent")."""
+
+    images: Any
+
+
+def _as_list(prompt: str | Sequence[str] | None) -> list[str] | None:
+    return [prompt] if isinstance(prompt, str) else (None if prompt is None else list(prompt))
+
+
+def _as_tensor(value, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return Tensor(value)
+    raise TypeError(f"`{name}` must be a MindSpore Tensor or a numpy array; got {type(value).__name__}")
+
+
+def _repeat(x: Tensor, times: int) -> Tensor:
+    """Each row `times` times in a row (prompt 0, 0, 1, 1, ...), the order diffusers gives images."""
+    return x if times == 1 else ops.repeat_interleave(x, times, 0)
+
+
+class FluxPipeline(DiffusionPipeline):
+    """FLUX.1 text-to-image. Components and call arguments are diffusers' FluxPipeline's.
+
+    `generator` takes an int seed, a numpy Generator, or a list of them with one per image;
+    noise is drawn on the host (mindflux.latents.standard_normal), so the same seed gives the
+    same images on every device and in both execution modes. IP-Adapter is not supported
+    (`image_encoder` / `feature_extractor` must be None).
+    """
+
+    _optional_components = ["image_encoder", "feature_extractor"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                 image_encoder=None, feature_extractor=None):
+        if image_encoder is not None or feature_extractor is not None:
+            raise ValueError("IP-Adapter (image_encoder / feature_extractor) is not supported by mindflux")
+        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+                              image_encoder=None, feature_extractor=None)
+        # 8 for FLUX's VAE; the packed 2x2 patches make every image side a multiple of 2 * 8 = 16.
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
+        self.default_sample_size = 128  # latent pixels: 128 * 8 = 1024, FLUX's default resolution
+        self._release_text_encoders = False
+        self._text_encoders_released = False
+        self.timings: dict[str, float] = {}
+        self._interrupt = False
+        self._guidance_scale = 3.5
+        self._joint_attention_kwargs: dict = {}
+        self._num_timesteps = 0
+        self._current_timestep = None
+
+    # ---- state that callbacks read, as in diffusers -------------------------------------------
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def joint_attention_kwargs(self) -> dict:
+        return self._joint_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a callback to skip the remaining steps."""
+        return self._interrupt
+
+    # ---- memory -------------------------------------------------------------------------------
+    def enable_vae_tiling(self, tile_sample_min_size: int | None = None) -> None:
+        """Decode in overlapping tiles (FLUX VAE default: 1024-pixel tiles; 512 keeps a 1024^2 decode
+        near 1 GiB of activations)."""
+        self.vae.enable_tiling(tile_sample_min_size=tile_sample_min_size)
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_text_encoder_release(self, enabled: bool = True) -> None:
+        """Release CLIP and T5 at the end of the prompt encoding of the next call (see release_text_encoders)."""
+        self._release_text_encoders = enabled
+
+    def release_text_encoders(self) -> None:
+        """Drop CLIP and T5 (FLUX.1: 4.9 B parameters, 9.8 GB in bf16) and free their device memory.
+
+        Later calls take `prompt_embeds` / `pooled_prompt_embeds` (from `encode_prompt` before the
+        release); the tokenizers stay. Load the pipeline again to encode new prompts.
+        """
+        self.text_encoder = None
+        self.text_encoder_2 = None
+        self._text_encoders_released = True
+        gc.collect()  # the Parameters' device memory goes back to MindSpore's pool with the last reference
+        if get_device() == "Ascend":
+            ms.runtime.empty_cache()
+
+    # ---- 1. inputs ----------------------------------------------------------------------------
+    def check_inputs(self, prompt, prompt_2, height: int, width: int, negative_prompt=None, negative_prompt_2=None,
+                     prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                     negative_pooled_prompt_embeds=None, callback_on_step_end_tensor_inputs=None,
+                     max_sequence_length: int | None = None) -> None:
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            h, w = (s * self.vae_scale_factor for s in latent_size(height, width, self.vae_scale_factor))
+            logger.warning("`height` and `width` have to be divisible by %d but are %d and %d; they are rounded "
+                           "down to %d and %d (as diffusers does)", multiple, height, width, h, w)
+        if min(latent_size(height, width, self.vae_scale_factor)) < 2:
+            raise ValueError(f"height and width must be at least {multiple}; got {height} x {width}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, "
+                             f"but found {unknown}")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        if prompt_2 is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt_2` or `prompt_embeds`, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("provide either `prompt` or `prompt_embeds`")
+        for name, value in (("prompt", prompt), ("prompt_2", prompt_2), ("negative_prompt", negative_prompt),
+                            ("negative_prompt_2", negative_prompt_2)):
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise ValueError(f"`{name}` has to be of type `str` or `list` but is {type(value)}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        if negative_prompt_2 is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either `negative_prompt_2` or `negative_prompt_embeds`, not both")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` too, from the same text encoders")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too")
+        if max_sequence_length is not None and max_sequence_length > 512:
+            raise ValueError(f"`max_sequence_length` cannot be greater than 512 but is {max_sequence_length}")
+
+    # ---- 2. prompt -> embeddings --------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[str] | None, prompt_2: str | list[str] | None = None,
+                      num_images_per_prompt: int = 1, prompt_embeds: Tensor | np.ndarray | None = None,
+                      pooled_prompt_embeds: Tensor | np.ndarray | None = None, max_sequence_length: int = 512,
+                      lora_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(prompt_embeds (B*n, L, 4096), pooled_prompt_embeds (B*n, 768), text_ids (L, 3)).
+
+        `prompt` goes to CLIP, `prompt_2` (default: `prompt`) to T5. Given embeddings are used as
+        they are, each row repeated `num_images_per_prompt` times (diffusers leaves that to the caller).
+        `lora_scale` is accepted for diffusers compatibility: mindflux's text encoders carry no LoRA.
+        """
+        if prompt_embeds is None:
+            if self.text_encoder is None or self.text_encoder_2 is None:
+                why = "were released after encoding" if self._text_encoders_released else "are not loaded"
+                raise ValueError(f"the text encoders {why}: pass `prompt_embeds` and `pooled_prompt_embeds` "
+                                 "(from encode_prompt), or load the pipeline with its text encoders")
+            from ..text_encoding import encode_prompt
+
+            prompt_embeds, pooled_prompt_embeds, text_ids = encode_prompt(
+                self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompt, prompt_2,
+                max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt)
+            return prompt_embeds, pooled_prompt_embeds, text_ids
+        prompt_embeds = _repeat(_as_tensor(prompt_embeds, "prompt_embeds"), num_images_per_prompt)
+        pooled_prompt_embeds = _repeat(_as_tensor(pooled_prompt_embeds, "pooled_prompt_embeds"), num_images_per_prompt)
+        if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2 or \
+                prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0]:
+            raise ValueError(f"`prompt_embeds` must be (batch, seq_len, dim) and `pooled_prompt_embeds` (batch, dim); "
+                             f"got {prompt_embeds.shape} and {pooled_prompt_embeds.shape}")
+        return prompt_embeds, pooled_prompt_embeds, prepare_text_ids(prompt_embeds.shape[1])
+
+    # ---- 3. noise -> packed latents -----------------------------------------------------------
+    def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int, dtype: ms.Type,
+                        generator: Generator | list[Generator] | None = None,
+                        latents: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+        """(latents (B, N, 4C), latent_image_ids (N, 3)). Noise is drawn unpacked, (B, C, h, w), one
+        generator per image when a list is given, then packed, as diffusers does."""
+        h, w = latent_size(height, width, self.vae_scale_factor)
+        latent_image_ids = prepare_latent_image_ids(h // 2, w // 2)
+        expected = (batch_size, (h // 2) * (w // 2), num_channels_latents * 4)
+        if latents is not None:
+            latents = _as_tensor(latents, "latents")
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must be packed, {expected} for {batch_size} images of {h * self.vae_scale_factor}"
+                                 f" x {w * self.vae_scale_factor}; got {tuple(latents.shape)}")
+            return latents.astype(dtype), latent_image_ids
+        shape = (batch_size, num_channels_latents, h, w)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch_size:
+                raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
+                                 f"effective batch size of {batch_size}. Make sure the batch size matches the length "
+                                 "of the generators.")
+            noise = np.concatenate([standard_normal((1, *shape[1:]), g) for g in generator])
+        else:
+            noise = standard_normal(shape, generator)
+        return pack_latents(Tensor(noise)).astype(dtype), latent_image_ids
+
+    # ---- 4. timesteps -------------------------------------------------------------------------
+    def prepare_timesteps(self, num_inference_steps: int, image_seq_len: int,
+                          sigmas: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+        """Set the scheduler's schedule and return its timesteps (steps,) on the host.
+
+        sigmas default to linspace(1, 1/steps, steps); mu, the resolution-dependent shift, is linear
+        in the number of image tokens with the scheduler config's ends (it is ignored without
+        use_dynamic_shifting, as for schnell)."""
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        cfg = self.scheduler.config
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+        return self.scheduler.timesteps.asnumpy()
+
+    # ---- 6. latents -> images -----------------------------------------------------------------
+    def decode_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """Packed latents (B, N, 64) -> images (B, 3, H, W) in [0, 1], float32."""
+        latents = unpack_latents(latents, height, width, self.vae_scale_factor)  # (B, 16, H/8, W/8)
+        cfg = self.vae.config
+        latents = denormalize_latents(latents, cfg.scaling_factor, cfg.shift_factor or 0.0)
+        image = self.vae.decode(latents.astype(self.vae.dtype), return_dict=False)[0]  # (B, 3, H, W), ~[-1, 1]
+        return ops.clamp(image.astype(ms.float32) * 0.5 + 0.5, 0.0, 1.0)
+
+    @staticmethod
+    def postprocess(image: Tensor, output_type: str = "pil"):
+        """(B, 3, H, W) in [0, 1] -> a list of PIL images, a (B, H, W, 3) numpy array, or the Tensor ("ms")."""
+        if output_type == "ms":
+            return image
+        array = image.asnumpy().transpose(0, 2, 3, 1)
+        if output_type == "np":
+            return array
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
+
+    # ---- the call -----------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: Sequence[float] | None = None,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator: Generator | list[Generator] | None = None,
+        latents: Tensor | np.ndarray | None = None,
+        prompt_embeds: Tensor | np.ndarray | None = None,
+        pooled_prompt_embeds: Tensor | np.ndarray | None = None,
+        negative_prompt_embeds: Tensor | np.ndarray | None = None,
+        negative_pooled_prompt_embeds: Tensor | np.ndarray | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[FluxPipeline, int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+    ):
+        """Generate images; arguments and defaults are diffusers' FluxPipeline.__call__'s.
+
+        height / width default to 1024 and are rounded down to a multiple of 16 (with a warning).
+        `latents` are packed initial noise, (B * num_images_per_prompt, N, 64), as a Tensor or numpy
+        array. `joint_attention_kwargs={"scale": s}` scales the transformer's LoRA adapters for this
+        call. `callback_on_step_end(pipe, step, timestep, {name: tensor})` may return replacements
+        for "latents" and "prompt_embeds". FLUX.1-schnell ignores guidance_scale (no guidance embedding).
+        Returns FluxPipelineOutput(images) or (images,); `self.timings` holds the seconds spent
+        encoding, denoising and decoding.
+        """
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+        self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
+                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs, max_sequence_length)
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = dict(joint_attention_kwargs or {})
+        self._current_timestep = None
+        self._interrupt = False
+        batch_size = len(_as_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        has_neg_prompt = negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
+        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+
+        # 2. prompt -> T5 embeddings (B*n, L, D) and CLIP pooled (B*n, P)
+        start = time.perf_counter()
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt, prompt_2, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds, max_sequence_length)
+        if do_true_cfg:
+            # one negative prompt serves every prompt of the batch
+            negative_prompt, negative_prompt_2 = (
+                p * batch_size if p is not None and len(p) == 1 else p
+                for p in (_as_list(negative_prompt), _as_list(negative_prompt_2)))
+            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_prompt(
+                negative_prompt, negative_prompt_2, num_images_per_prompt, negative_prompt_embeds,
+                negative_pooled_prompt_embeds, max_sequence_length)
+        if self._release_text_encoders and self.text_encoder is not None:
+            self.release_text_encoders()
+        synchronize()
+        self.timings = {"text_encoding_s": time.perf_counter() - start}
+
+        # 3. initial noise, packed: latents (B*n, N, 64), latent_image_ids (N, 3)
+        dtype = self.transformer.dtype
+        num_channels_latents = self.transformer.config.in_channels // 4
+        latents, latent_image_ids = self.prepare_latents(batch_size * num_images_per_prompt, num_channels_latents,
+                                                         height, width, dtype, generator, latents)
+        batch = latents.shape[0]
+        prompt_embeds, pooled_prompt_embeds = prompt_embeds.astype(dtype), pooled_prompt_embeds.astype(dtype)
+        if do_true_cfg:
+            negative_prompt_embeds = negative_prompt_embeds.astype(dtype)
+            negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.astype(dtype)
+        if prompt_embeds.shape[0] != batch:
+            raise ValueError(f"{prompt_embeds.shape[0]} prompt embeddings for {batch} images")
+
+        # 4. timesteps (steps,): sigmas shifted by mu from the image sequence length
+        timesteps = self.prepare_timesteps(num_inference_steps, latents.shape[1], sigmas)
+        self._num_timesteps = len(timesteps)
+        # FLUX.1-dev embeds the guidance scale; schnell has no guidance embedding.
+        guidance = Tensor(np.full((batch,), guidance_scale, np.float32)) if self.transformer.config.guidance_embeds \
+            else None
+
+        # 5. denoising loop: the transformer compiles once per shape in graph mode; the scheduler runs here
+        start = time.perf_counter()
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = Tensor(np.full((batch,), t, np.float32)).astype(latents.dtype) / 1000
+                noise_pred = self.transformer(
+                    hidden_states=latents, timestep=timestep, guidance=guidance,
+                    pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                    img_ids=latent_image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
+                    return_dict=False)[0]  # (B*n, N, 64)
+                if do_true_cfg:
+                    neg_noise_pred = self.transformer(
+                        hidden_states=latents, timestep=timestep, guidance=guidance,
+                        pooled_projections=negative_pooled_prompt_embeds,
+                        encoder_hidden_states=negative_prompt_embeds, txt_ids=negative_text_ids,
+                        img_ids=latent_image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
+                        return_dict=False)[0]
+                    noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    outputs = outputs or {}
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+        synchronize()
+        self.timings.update(denoising_s=time.perf_counter() - start, steps=len(timesteps))
+        self._current_timestep = None
+
+        # 6. unpack, denormalize, VAE decode, [-1, 1] -> [0, 1]
+        start = time.perf_counter()
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.postprocess(self.decode_latents(latents, height, width), output_type)
+        self.timings["decoding_s"] = time.perf_counter() - start
+        return FluxPipelineOutput(images=image) if return_dict else (image,)
+
+
+__all__ = ["FluxPipeline", "FluxPipelineOutput"]
