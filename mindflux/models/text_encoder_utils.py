@@ -11,6 +11,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ..modeling_utils import ModelMixin
+from .activations import gelu_tanh
 
 # The transformers release whose config.json and weight layout mindflux reads and writes.
 TRANSFORMERS_VERSION = "4.57.1"
@@ -69,7 +70,7 @@ class Activation(nn.Cell):
         if self.name == "gelu":
             return ops.gelu(x, approximate="none")
         if self.name in ("gelu_new", "gelu_pytorch_tanh"):
-            return ops.gelu(x, approximate="tanh")
+            return gelu_tanh(x)
         if self.name == "relu":
             return ops.relu(x)
         return ops.silu(x)
