@@ -33,19 +33,13 @@ def _component_classes() -> dict[str, tuple[str, type]]:
     """model_index.json class name -> (library written into model_index.json, class that loads it)."""
     from transformers import CLIPTokenizer, CLIPTokenizerFast, T5Tokenizer, T5TokenizerFast
 
-    from ..models import AutoencoderKL, FluxTransformer2DModel
+    from ..models import AutoencoderKL, CLIPTextModel, FluxTransformer2DModel, T5EncoderModel
     from ..schedulers import FlowMatchEulerDiscreteScheduler
 
     classes = {cls.__name__: ("diffusers", cls) for cls in
                (FluxTransformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler)}
     classes.update({cls.__name__: ("transformers", cls) for cls in
-                    (CLIPTokenizer, CLIPTokenizerFast, T5Tokenizer, T5TokenizerFast)})
-    try:  # the text encoders are being ported on another branch
-        from ..models import CLIPTextModel, T5EncoderModel
-    except ImportError:
-        pass
-    else:
-        classes.update({cls.__name__: ("transformers", cls) for cls in (CLIPTextModel, T5EncoderModel)})
+                    (CLIPTextModel, T5EncoderModel, CLIPTokenizer, CLIPTokenizerFast, T5Tokenizer, T5TokenizerFast)})
     return classes
 
 

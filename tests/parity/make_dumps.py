@@ -34,7 +34,21 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
     ],
     "vae": [("torch", "dump_vae:make_reference")],
     "scheduler": [("torch", "dump_scheduler:make_reference")],
-    "pipeline": [("torch", "dump_pipeline:make_reference")],
+    # tokenizers before text_encoders: the encoders' cases are tokenized with these folders
+    "tokenizers": [
+        ("torch", "dump_text_encoders:make_tokenizers"),
+    ],
+    "text_encoders": [
+        ("torch", "dump_text_encoders:make_reference"),
+        ("mindspore", "dump_text_encoders:write_mindflux_copy"),
+        ("torch", "dump_text_encoders:load_mindflux_copy"),
+    ],
+    # after tokenizers: the pipeline's tokenizer folders are saved from these
+    "pipeline": [
+        ("torch", "dump_pipeline:make_reference"),
+        ("mindspore", "dump_pipeline:write_mindflux_copy"),
+        ("torch", "dump_pipeline:load_mindflux_copy"),
+    ],
 }
 
 
