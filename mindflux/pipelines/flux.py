@@ -88,8 +88,6 @@ class FluxPipeline(DiffusionPipeline):
         self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
                               image_encoder=None, feature_extractor=None)
-        # 8 for FLUX's VAE; the packed 2x2 patches make every image side a multiple of 2 * 8 = 16.
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
         self.default_sample_size = 128  # latent pixels: 128 * 8 = 1024, FLUX's default resolution
         self._release_text_encoders = False
@@ -100,6 +98,12 @@ class FluxPipeline(DiffusionPipeline):
         self._joint_attention_kwargs: dict = {}
         self._num_timesteps = 0
         self._current_timestep = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """8 for FLUX's VAE; the packed 2x2 patches make every image side a multiple of 2 * 8 = 16.
+        A property, so a VAE loaded after the pipeline (see docs/inference.md, memory) counts."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
 
     # ---- state that callbacks read, as in diffusers -------------------------------------------
     @property
@@ -235,8 +239,9 @@ class FluxPipeline(DiffusionPipeline):
         if latents is not None:
             latents = _as_tensor(latents, "latents")
             if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` must be packed, {expected} for {batch_size} images of {h * self.vae_scale_factor}"
-                                 f" x {w * self.vae_scale_factor}; got {tuple(latents.shape)}")
+                size = f"{h * self.vae_scale_factor} x {w * self.vae_scale_factor}"
+                raise ValueError(f"`latents` must be packed, {expected} for {batch_size} images of {size}; got "
+                                 f"{tuple(latents.shape)}")
             return latents.astype(dtype), latent_image_ids
         shape = (batch_size, num_channels_latents, h, w)
         if isinstance(generator, (list, tuple)):
@@ -401,8 +406,8 @@ class FluxPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                    outputs = outputs or {}
+                    requested = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, requested) or {}
                     latents = outputs.pop("latents", latents)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                 progress_bar.update()

@@ -136,8 +136,8 @@ def run_case(pipe, name: str, latents) -> dict:
     arrays = {"latents": latents, "images": torch.from_numpy(images), "final_latents": final,
               "step_latents": torch.stack(steps), "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
     if "negative_prompt" in call:
-        neg, neg_pooled, _ = pipe.encode_prompt(call["negative_prompt"], max_sequence_length=call["max_sequence_length"],
-                                                num_images_per_prompt=call.get("num_images_per_prompt", 1))
+        neg, neg_pooled, _ = pipe.encode_prompt(call["negative_prompt"], num_images_per_prompt=call.get(
+            "num_images_per_prompt", 1), max_sequence_length=call["max_sequence_length"])
         arrays.update({"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled})
     return {f"{name}.{k}": v for k, v in arrays.items()}
 
@@ -168,3 +168,37 @@ def make_reference(out: Path) -> None:
     assert arrays["schnell.images"].shape == (1, 64, 32, 3)
     save_arrays(out / "cases.safetensors", arrays)
     (out / "cases.json").write_text(json.dumps(CASES, indent=1) + "\n", encoding="utf-8")
+
+
+def write_mindflux_copy(out: Path) -> None:
+    """MindSpore stage: mindflux loads the diffusers folder and saves it again with save_pretrained."""
+    import mindflux
+    from mindflux import FluxPipeline
+
+    mindflux.set_device("cpu", "pynative")
+    FluxPipeline.from_pretrained(str(out / "tiny_flux")).save_pretrained(str(out / "mindflux_saved"))
+
+
+def load_mindflux_copy(out: Path) -> None:
+    """Torch stage: diffusers loads mindflux's folder and must reproduce the reference images from it.
+    Its images are kept; the folder (a copy of tiny_flux) is removed to keep the fixtures small."""
+    import shutil
+
+    import torch
+    from diffusers import FluxPipeline
+    from safetensors.numpy import load_file
+
+    from .torch_common import save_arrays
+
+    folder = out / "mindflux_saved"
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    assert index == json.loads((out / "tiny_flux" / "model_index.json").read_text(encoding="utf-8")), index
+    pipe = FluxPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    cases = load_file(str(out / "cases.safetensors"))
+    with torch.no_grad():
+        images = pipe(**CASES["dev"]["call"], latents=torch.from_numpy(cases["dev.latents"]), output_type="np").images
+    error = float(abs(images - cases["dev.images"]).max())
+    assert error <= 1e-6, error
+    save_arrays(out / "mindflux_saved.safetensors", {"dev.images": images})
+    shutil.rmtree(folder)

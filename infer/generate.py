@@ -1,0 +1,265 @@
+"""Text to image with FLUX.1 on MindSpore: a command line over mindflux.FluxPipeline.
+
+    python infer/generate.py --model FLUX.1-schnell --prompt "a red circle on a white background"
+    python infer/generate.py --model FLUX.1-dev --prompt_file prompts.txt --num_images 4 --seed 7 \\
+        --lora style.safetensors:0.8 --dtype bf16 --device ascend --output_dir outputs
+
+--model is a local pipeline folder as diffusers' save_pretrained writes it (model_index.json and
+transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), e.g. one
+downloaded with `huggingface-cli download black-forest-labs/FLUX.1-schnell --local-dir FLUX.1-schnell`.
+Image k of every prompt uses seed --seed + k; files are named NNN_seedS.png and carry the prompt,
+seed, steps, guidance and model in their PNG text metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ log: errors only (set GLOG_v=2 to see its warnings)
+
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+class CLIError(Exception):
+    """A mistake in the command line or its files: printed as one line, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """PATH[:SCALE] -> (path, scale); a suffix that is not a number stays part of the path."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="pipeline folder with model_index.json (FLUX.1-dev or schnell, diffusers layout)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    p.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines and # comments skipped)")
+    p.add_argument("--negative_prompt", help="used with --true_cfg_scale > 1 (true classifier-free guidance)")
+    p.add_argument("--height", type=int, default=1024,
+                   help="image height in pixels (default 1024); not a multiple of 16: a warning, then rounded down "
+                        "to one, as diffusers does")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024); rounded down to a "
+                                                           "multiple of 16 like --height")
+    p.add_argument("--steps", type=int, help="denoising steps (default 28; 4 for schnell, which has no guidance "
+                                             "embedding)")
+    p.add_argument("--guidance_scale", type=float, default=3.5,
+                   help="embedded guidance of FLUX.1-dev (default 3.5); schnell ignores it")
+    p.add_argument("--true_cfg_scale", type=float, default=1.0,
+                   help="true CFG scale; above 1 with --negative_prompt, every step runs the transformer twice")
+    p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (default 512, at most 512)")
+    p.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k (default 0)")
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA file (diffusers, kohya, ComfyUI, BFL or XLabs format) and its scale (default 1.0);"
+                        " repeat for several")
+    p.add_argument("--fuse_lora", action="store_true", help="add the LoRAs into the weights (faster steps)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="weights and compute dtype (default bf16 on Ascend/GPU, fp32 on the CPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "ascend", "gpu", "cpu"],
+                   help="default: Ascend, then GPU, then CPU")
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"],
+                   help="graph: the transformer compiles once per resolution (default); pynative: op by op")
+    p.add_argument("--release_text_encoders", action="store_true",
+                   help="free CLIP and T5 (9.8 GB in bf16) after encoding every prompt, before denoising")
+    p.add_argument("--vae_tiling", action="store_true",
+                   help="VAE-decode in overlapping 512-pixel tiles (less memory; FLUX's own tile size is 1024)")
+    p.add_argument("--output_dir", default="outputs", help="where the PNGs go (default outputs/)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise CLIError(f"cannot read --prompt_file {args.prompt_file}: {err.strerror or err}") from None
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise CLIError("no prompt: give --prompt TEXT (repeatable) or --prompt_file FILE")
+    return prompts
+
+
+def check_args(args) -> list[tuple[str, float]]:
+    """Problems that need no model: found before anything slow starts."""
+    if not args.model:
+        raise CLIError("--model is required: a FLUX.1 pipeline folder with model_index.json, e.g. "
+                       "`huggingface-cli download black-forest-labs/FLUX.1-schnell --local-dir FLUX.1-schnell`")
+    if not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model} is not a folder")
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise CLIError(f"--model {args.model} has no model_index.json: not a diffusers pipeline folder")
+    for name in ("height", "width", "num_images", "steps", "max_sequence_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name} must be positive; got {value}")
+    if args.max_sequence_length > 512:
+        raise CLIError(f"--max_sequence_length cannot be greater than 512 but is {args.max_sequence_length}")
+    for name in ("height", "width"):  # once here, rather than a warning from the pipeline for every image
+        value = getattr(args, name)
+        if value % 16:
+            rounded = value // 16 * 16
+            if rounded == 0:
+                raise CLIError(f"--{name} must be at least 16; got {value}")
+            print(f"warning: --{name} {value} is not a multiple of 16; rounded down to {rounded} (as diffusers does)",
+                  file=sys.stderr)
+            setattr(args, name, rounded)
+    loras = [parse_lora(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not os.path.exists(path):
+            raise CLIError(f"LoRA file {path} does not exist")
+    if args.fuse_lora and not loras:
+        raise CLIError("--fuse_lora needs at least one --lora")
+    return loras
+
+
+def load_loras(pipe, loras: list[tuple[str, float]], fuse: bool) -> None:
+    if not hasattr(pipe, "load_lora_weights"):
+        raise CLIError("this mindflux has no LoRA loader (FluxLoraLoaderMixin); --lora cannot be used")
+    from mindflux.lora import FORMATS
+
+    names = []
+    for index, (path, _) in enumerate(loras):
+        name = f"lora_{index}"
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except (ValueError, OSError, KeyError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CLIError(f"cannot load LoRA file {path}: {reason} (accepted formats: {', '.join(FORMATS)}, "
+                           "as .safetensors)") from err
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    if fuse:
+        pipe.fuse_lora(adapter_names=names)
+
+
+def png_info(metadata: dict[str, object]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in metadata.items():
+        if value is not None:
+            info.add_text(key, str(value))
+    return info
+
+
+def run(args) -> None:
+    loras = check_args(args)
+    prompts = read_prompts(args)
+
+    import mindspore as ms
+
+    import mindflux
+    from mindflux import FluxPipeline
+    from mindflux.pipelines.pipeline_utils import synchronize
+
+    device = mindflux.set_device(args.device, args.mode)
+    dtype = args.dtype or ("fp32" if device == "CPU" else "bf16")
+    if device == "CPU" and dtype != "fp32":
+        raise CLIError(f"--dtype {dtype} needs an Ascend or GPU device (the CPU backend has no half-precision "
+                       "matmul); use --dtype fp32")
+    print(f"device {device}, {args.mode} mode, {dtype}; loading {args.model}", flush=True)
+
+    start = time.perf_counter()
+    pipe = FluxPipeline.from_pretrained(args.model, mindspore_dtype=dtype)
+    if loras:
+        load_loras(pipe, loras, args.fuse_lora)
+    if args.vae_tiling:
+        pipe.enable_vae_tiling(tile_sample_min_size=512)
+    load_s = time.perf_counter() - start
+
+    schnell = not pipe.transformer.config.guidance_embeds
+    steps = args.steps or (4 if schnell else 28)
+    do_cfg = args.negative_prompt is not None and args.true_cfg_scale > 1
+    if args.negative_prompt is not None and not do_cfg:
+        print("note: --negative_prompt is used only with --true_cfg_scale > 1", flush=True)
+
+    # Every prompt is encoded first, so the text encoders can be freed before denoising starts.
+    start = time.perf_counter()
+    encoded = [pipe.encode_prompt(p, max_sequence_length=args.max_sequence_length)[:2] for p in prompts]
+    negative = pipe.encode_prompt(args.negative_prompt, max_sequence_length=args.max_sequence_length)[:2] \
+        if do_cfg else (None, None)
+    synchronize()
+    encode_s = time.perf_counter() - start
+    if args.release_text_encoders:
+        pipe.release_text_encoders()
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    total = len(prompts) * args.num_images
+    step_s, first_steps_s, decode_s = [], [], []
+    index = 0
+    for prompt, (prompt_embeds, pooled) in zip(prompts, encoded):
+        for k in range(args.num_images):
+            seed = args.seed + k
+            stamps: list[float] = []
+
+            def stamp(pipeline, step, timestep, callback_kwargs, stamps=stamps):
+                synchronize()  # the device runs ahead of Python; a FLUX step is long enough not to notice
+                stamps.append(time.perf_counter())
+                return {}
+
+            pipe.set_progress_bar_config(desc=f"image {index + 1}/{total}", leave=False)
+            image = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative[0],
+                         negative_pooled_prompt_embeds=negative[1], true_cfg_scale=args.true_cfg_scale,
+                         height=args.height, width=args.width, num_inference_steps=steps,
+                         guidance_scale=args.guidance_scale, generator=seed, output_type="pil",
+                         callback_on_step_end=stamp).images[0]
+            between = [b - a for a, b in zip(stamps, stamps[1:])]
+            step_s += between
+            first_steps_s.append(pipe.timings["denoising_s"] - sum(between))
+            decode_s.append(pipe.timings["decoding_s"])
+            metadata = {"prompt": prompt, "negative_prompt": args.negative_prompt if do_cfg else None, "seed": seed,
+                        "steps": steps, "guidance_scale": None if schnell else args.guidance_scale,
+                        "true_cfg_scale": args.true_cfg_scale if do_cfg else None, "height": image.height,
+                        "width": image.width, "model": os.path.basename(os.path.normpath(args.model)),
+                        "lora": " ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras) or None,
+                        "dtype": dtype, "software": f"mindflux {mindflux.__version__}, MindSpore {ms.__version__}"}
+            path = os.path.join(args.output_dir, f"{index:03d}_seed{seed}.png")
+            image.save(path, pnginfo=png_info(metadata))
+            print(f"{path}  ({prompt[:60]}{'...' if len(prompt) > 60 else ''})", flush=True)
+            index += 1
+
+    # The first step of the first image includes graph compilation (graph mode) or kernel set-up.
+    per_step = statistics.median(step_s) if step_s else first_steps_s[0]
+    print(f"timing: load {load_s:.1f} s | text encoding {encode_s:.2f} s ({len(prompts)} prompt"
+          f"{'s' if len(prompts) > 1 else ''}) | denoising {per_step:.3f} s/step (median; the first step "
+          f"{first_steps_s[0]:.2f} s, with {args.mode} start-up) | decoding {statistics.median(decode_s):.2f} s/image"
+          f" | {total} image{'s' if total > 1 else ''} in {args.output_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"generate.py: error: {message[:600]}{'...' if len(message) > 600 else ''}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
