@@ -153,21 +153,30 @@ def test_lora_scale_reaches_the_transformer(pipe):
 
 
 def test_release_text_encoders(pipe):
-    released = FluxPipeline(**pipe.components)
-    released.set_progress_bar_config(disable=True)
-    prompt_embeds, pooled, text_ids = released.encode_prompt(CASES["dev"]["call"]["prompt"], max_sequence_length=32)
+    """docs/inference.md's recipe for small cards: encode without a transformer, release, then load it."""
+    staged = FluxPipeline.from_pretrained(str(FOLDER), transformer=None)
+    staged.set_progress_bar_config(disable=True)
+    prompt_embeds, pooled, text_ids = staged.encode_prompt(CASES["dev"]["call"]["prompt"], max_sequence_length=32)
     assert max_abs_diff(prompt_embeds, REF["dev.prompt_embeds"]) <= 1e-4
     assert max_abs_diff(pooled, REF["dev.pooled_prompt_embeds"]) <= 1e-4
     assert text_ids.shape == (32, 3)
-    released.enable_text_encoder_release()
-    call = dict(CASES["schnell"]["call"], height=32, width=32, num_inference_steps=1, output_type="latent")
-    released(**call, generator=0)
-    assert released.text_encoder is None and released.text_encoder_2 is None and released.tokenizer is not None
-    assert pipe.text_encoder is not None  # the other pipeline keeps its own
+    staged.release_text_encoders()
+    assert staged.text_encoder is None and staged.text_encoder_2 is None and staged.tokenizer is not None
+    staged.transformer = FluxTransformer2DModel.from_pretrained(str(FOLDER), subfolder="transformer")
+    call = {k: v for k, v in CASES["dev"]["call"].items() if k != "prompt"}
     with pytest.raises(ValueError, match="released after encoding.*prompt_embeds"):
-        released(**call)
-    released(**{k: v for k, v in call.items() if k != "prompt"}, prompt_embeds=prompt_embeds[:1],
-             pooled_prompt_embeds=pooled[:1])
+        staged(prompt="a cat", **call)
+    latents = staged(**call, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, latents=REF["dev.latents"],
+                     output_type="latent").images
+    assert max_abs_diff(latents, REF["dev.final_latents"]) <= LATENT_TOL * np.abs(REF["dev.final_latents"]).max()
+
+    # enable_text_encoder_release: released at the end of the next call's prompt encoding
+    auto = FluxPipeline(**pipe.components)
+    auto.set_progress_bar_config(disable=True)
+    auto.enable_text_encoder_release()
+    auto(**dict(CASES["schnell"]["call"], height=32, width=32, num_inference_steps=1, output_type="latent"))
+    assert auto.text_encoder is None and auto.text_encoder_2 is None
+    assert pipe.text_encoder is not None  # the pipeline it was built from keeps its own
 
 
 # ---- bad inputs -----------------------------------------------------------------------------------
