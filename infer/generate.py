@@ -193,6 +193,8 @@ def run(args) -> None:
         print("note: --negative_prompt is used only with --true_cfg_scale > 1", flush=True)
 
     # Every prompt is encoded first, so the text encoders can be freed before denoising starts.
+    if args.release_text_encoders:
+        pipe.enable_text_encoder_release()  # encoded op by op: compiled encoders could not be freed
     start = time.perf_counter()
     encoded = [pipe.encode_prompt(p, max_sequence_length=args.max_sequence_length)[:2] for p in prompts]
     negative = pipe.encode_prompt(args.negative_prompt, max_sequence_length=args.max_sequence_length)[:2] \

@@ -14,6 +14,7 @@ N = (H/16) * (W/16) image tokens:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -62,6 +63,24 @@ def _as_tensor(value, name: str) -> Tensor:
     if isinstance(value, np.ndarray):
         return Tensor(value)
     raise TypeError(f"`{name}` must be a MindSpore Tensor or a numpy array; got {type(value).__name__}")
+
+
+@contextlib.contextmanager
+def _pynative():
+    """Run the enclosed Cells op by op. MindSpore (2.7) keeps the weights of a Cell compiled in graph
+    mode alive after the Cell is gone, so text encoders that are to be released must not be compiled."""
+    mode = ms.get_context("mode")
+    if mode != ms.PYNATIVE_MODE:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        if mode != ms.PYNATIVE_MODE:
+            ms.set_context(mode=mode)
+
+
+def _compiled(model) -> bool:
+    return model is not None and any(getattr(cell, "compile_cache", None) for _, cell in model.cells_and_names())
 
 
 def _repeat(x: Tensor, times: int) -> Tensor:
@@ -144,7 +163,12 @@ class FluxPipeline(DiffusionPipeline):
         self.vae.disable_slicing()
 
     def enable_text_encoder_release(self, enabled: bool = True) -> None:
-        """Release CLIP and T5 at the end of the prompt encoding of the next call (see release_text_encoders)."""
+        """Release CLIP and T5 at the end of the prompt encoding of the next call (see release_text_encoders).
+
+        From now on prompts are encoded op by op (PyNative) even in graph mode: MindSpore keeps a
+        compiled Cell's weights for the life of the process, so compiled encoders could not be freed.
+        Call this before the first encoding when the encoders are to be released by hand too.
+        """
         self._release_text_encoders = enabled
 
     def release_text_encoders(self) -> None:
@@ -153,6 +177,10 @@ class FluxPipeline(DiffusionPipeline):
         Later calls take `prompt_embeds` / `pooled_prompt_embeds` (from `encode_prompt` before the
         release); the tokenizers stay. Load the pipeline again to encode new prompts.
         """
+        if _compiled(self.text_encoder) or _compiled(self.text_encoder_2):
+            logger.warning("the text encoders ran in graph mode, and MindSpore keeps a compiled Cell's weights "
+                           "until the process ends: call enable_text_encoder_release() before encoding so that "
+                           "they run op by op and their memory can be freed")
         self.text_encoder = None
         self.text_encoder_2 = None
         self._text_encoders_released = True
@@ -215,9 +243,10 @@ class FluxPipeline(DiffusionPipeline):
                                  "(from encode_prompt), or load the pipeline with its text encoders")
             from ..text_encoding import encode_prompt
 
-            prompt_embeds, pooled_prompt_embeds, text_ids = encode_prompt(
-                self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompt, prompt_2,
-                max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt)
+            with _pynative() if self._release_text_encoders else contextlib.nullcontext():
+                prompt_embeds, pooled_prompt_embeds, text_ids = encode_prompt(
+                    self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompt, prompt_2,
+                    max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt)
             return prompt_embeds, pooled_prompt_embeds, text_ids
         prompt_embeds = _repeat(_as_tensor(prompt_embeds, "prompt_embeds"), num_images_per_prompt)
         pooled_prompt_embeds = _repeat(_as_tensor(pooled_prompt_embeds, "pooled_prompt_embeds"), num_images_per_prompt)
