@@ -357,6 +357,7 @@ class FluxPipeline(DiffusionPipeline):
         Returns FluxPipelineOutput(images) or (images,); `self.timings` holds the seconds spent
         encoding, denoising and decoding.
         """
+        # 1. inputs
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if output_type not in OUTPUT_TYPES:
