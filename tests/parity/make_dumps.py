@@ -34,6 +34,7 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
     ],
     "vae": [("torch", "dump_vae:make_reference")],
     "scheduler": [("torch", "dump_scheduler:make_reference")],
+    "train_step": [("torch", "dump_train_step:make_reference")],
 }
 
 
