@@ -89,12 +89,13 @@ def test_loss_scaling_is_exact_and_skips_overflowing_updates():
     assert int(scaled.optimizer.step.asnumpy()) == 2  # the optimizer did not count the skipped update
 
 
-def test_graph_and_pynative_give_the_same_numbers(graph_mode):
+@pytest.mark.parametrize("optimizer", ["AdamW", "prodigy"])
+def test_graph_and_pynative_give_the_same_numbers(graph_mode, optimizer):
     x, y = batch()
-    graph_net, graph = trainer(accumulation=2)
+    graph_net, graph = trainer(accumulation=2, optimizer=optimizer)
     graph_losses = [graph(x[:2], y[:2]).loss for _ in range(4)]
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    py_net, py = trainer(accumulation=2)
+    py_net, py = trainer(accumulation=2, optimizer=optimizer)
     py_losses = [py(x[:2], y[:2]).loss for _ in range(4)]
     np.testing.assert_allclose(graph_losses, py_losses, rtol=1e-6)
     for a, b in zip(weights(graph_net), weights(py_net)):

@@ -6,7 +6,8 @@ peft LoRA on diffusers' FluxTransformer2DModel (B set non-zero so A gets gradien
 noise, sigmas and guidance, the flow-matching loss of diffusers' train_dreambooth_lora_flux.py
 (v0.35.2), its backward, torch's clip_grad_norm_ and two torch.optim.AdamW steps on the same batch.
 Also: diffusers' timestep-density sampling from recorded draws, the training schedule lookup,
-FLUX's resolution shift, and LR curves from diffusers.optimization.get_scheduler.
+FLUX's resolution shift, LR curves from diffusers.optimization.get_scheduler, and three
+prodigyopt.Prodigy on a quadratic (needs `pip install --no-deps prodigyopt`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ CASES = {
 }
 DENSITY = dict(batch=64, logit_mean=0.3, logit_std=1.2, mode_scale=1.29)
 LR_SCHEDULES = dict(num_warmup_steps=5, num_training_steps=30, num_cycles=2, power=2.0, steps=34)
+# prodigyopt.Prodigy as the script builds it from its defaults (--learning_rate 1.0, as Prodigy wants)
+PRODIGY = dict(lr=1.0, betas=(0.9, 0.999), beta3=None, weight_decay=1e-4, eps=1e-8, decouple=True,
+               use_bias_correction=True, safeguard_warmup=True, steps=60, record=[1, 2, 10, 30, 60], max_grad_norm=1.0)
 
 
 def _loss(transformer, case: dict, scheme: str, prior: bool, prior_loss_weight: float):
@@ -152,6 +156,35 @@ def _step_cases(arrays: dict, scheduler) -> None:
         arrays.update({f"{name}.{k}": v for k, v in result.items()})
 
 
+def _prodigy_case(arrays: dict) -> None:
+    """prodigyopt.Prodigy on a quadratic, 0.5 ||W - W*||^2 + 0.5 ||v - v*||^2, long enough for its
+    step-size estimate d to grow from d0 (a few LoRA steps leave d at d0). v starts at zero, as
+    LoRA's B does. Clipping to --max_grad_norm as the script does."""
+    import torch
+    from prodigyopt import Prodigy
+
+    from .torch_common import seed
+
+    generator = seed(901)
+    targets = {"W": torch.randn(4, 8, generator=generator), "v": torch.randn(8, generator=generator)}
+    params = {"W": torch.nn.Parameter(torch.randn(4, 8, generator=generator)), "v": torch.nn.Parameter(torch.zeros(8))}
+    arrays.update({f"prodigy.target.{k}": v for k, v in targets.items()})
+    arrays.update({f"prodigy.init.{k}": v.detach().clone() for k, v in params.items()})
+    cfg = {k: v for k, v in PRODIGY.items() if k not in ("steps", "record", "max_grad_norm", "lr")}
+    optimizer = Prodigy([{"params": list(params.values()), "lr": PRODIGY["lr"]}], lr=PRODIGY["lr"], **cfg)
+    d = []
+    for step in range(1, PRODIGY["steps"] + 1):
+        loss = sum(0.5 * (params[k] - targets[k]).square().sum() for k in params)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), PRODIGY["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad()
+        d.append(optimizer.param_groups[0]["d"])
+        if step in PRODIGY["record"]:
+            arrays.update({f"prodigy.after{step}.{k}": v.detach().clone() for k, v in params.items()})
+    arrays["prodigy.d"] = torch.tensor(d, dtype=torch.float64)
+
+
 def _named_grads(transformer) -> dict:
     """Gradients under peft's state-dict names (module.lora_A.weight), before clipping."""
     out = {}
@@ -226,13 +259,14 @@ def make_reference(out: Path) -> None:
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(SCHEDULER))
     arrays: dict = {}
     _step_cases(arrays, scheduler)
+    _prodigy_case(arrays)
     _density_cases(arrays, scheduler)
     _shift_case(arrays, scheduler)
     _lr_curves(arrays)
     save_arrays(out / "cases.safetensors", arrays)
     config = {"target_modules": TARGET_MODULES, "rank": RANK, "lora_alpha": LORA_ALPHA,
               "guidance_scale": GUIDANCE_SCALE, "optimizer": OPTIMIZER, "density": DENSITY,
-              "lr_schedules": LR_SCHEDULES,
+              "lr_schedules": LR_SCHEDULES, "prodigy": PRODIGY,
               "cases": {k: dict(zip(("weighting_scheme", "batch", "with_prior_preservation", "prior_loss_weight",
                                      "max_grad_norm"), v)) for k, v in CASES.items()}}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
