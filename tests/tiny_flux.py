@@ -1,4 +1,4 @@
-"""A tiny diffusers-format FLUX folder (transformer, VAE, scheduler), images and prompt embeddings for training tests."""
+"""A tiny diffusers-format FLUX folder (transformer, VAE, scheduler), images and prompt embeddings for tests."""
 
 from __future__ import annotations
 

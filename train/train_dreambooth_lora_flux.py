@@ -212,10 +212,10 @@ def load_prompt_embeds(args, weight_dtype):
 def encode_prompts_with_text_encoders(args, weight_dtype):
     """CLIP pooled + T5 embeddings of the instance (and class) prompt, as the pipeline computes them."""
     try:
+        from mindflux.text_encoding import encode_prompt
         from transformers import CLIPTokenizer, T5TokenizerFast
 
         from mindflux import CLIPTextModel, T5EncoderModel
-        from mindflux.text_encoding import encode_prompt
     except ImportError as err:
         raise ValueError(f"the text encoders are not available in this mindflux ({err}); pass embeddings with "
                          "--precomputed_prompt_embeds") from None
