@@ -89,13 +89,15 @@ def test_loss_scaling_is_exact_and_skips_overflowing_updates():
     assert int(scaled.optimizer.step.asnumpy()) == 2  # the optimizer did not count the skipped update
 
 
-@pytest.mark.parametrize("optimizer", ["AdamW", "prodigy"])
-def test_graph_and_pynative_give_the_same_numbers(graph_mode, optimizer):
+@pytest.mark.parametrize("optimizer, scaled", [("AdamW", False), ("prodigy", False), ("AdamW", True)])
+def test_graph_and_pynative_give_the_same_numbers(graph_mode, optimizer, scaled):
+    """Also compiles the fp16 path: loss scaling and its conditional update inside the graph."""
     x, y = batch()
-    graph_net, graph = trainer(accumulation=2, optimizer=optimizer)
+    scaler = (lambda: DynamicLossScale(growth_interval=2)) if scaled else (lambda: None)
+    graph_net, graph = trainer(accumulation=2, optimizer=optimizer, loss_scaler=scaler())
     graph_losses = [graph(x[:2], y[:2]).loss for _ in range(4)]
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    py_net, py = trainer(accumulation=2, optimizer=optimizer)
+    py_net, py = trainer(accumulation=2, optimizer=optimizer, loss_scaler=scaler())
     py_losses = [py(x[:2], y[:2]).loss for _ in range(4)]
     np.testing.assert_allclose(graph_losses, py_losses, rtol=1e-6)
     for a, b in zip(weights(graph_net), weights(py_net)):
