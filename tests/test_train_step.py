@@ -65,6 +65,8 @@ def test_accumulation_equals_the_full_batch_and_the_schedule_steps_per_update():
     assert [o.lr for o in outs] == [0.0, 0.0, 0.025, 0.025, 0.05, 0.05]  # linear warmup over 4 updates
     assert acc.global_step == full.global_step == 3
     assert outs[1].grad_norm is not None and outs[0].grad_norm is None
+    early = acc(x[:2], y[:2], end_of_epoch=True)  # an epoch's last batch completes the update, as accelerate
+    assert early.sync_gradients and acc.global_step == 4 and acc.micro_step == 0
 
 
 def test_loss_scaling_is_exact_and_skips_overflowing_updates():

@@ -369,8 +369,12 @@ def main(args: argparse.Namespace) -> str:
     txt_ids = prepare_text_ids(instance_embeds.shape[1])
     progress = tqdm(range(max_train_steps), desc="Steps")
     done = False
+    if max_train_steps >= args.checkpointing_steps:
+        logger.warning("--checkpointing_steps %d: checkpoints are not written by mindflux yet; only the final LoRA "
+                       "is saved", args.checkpointing_steps)
     for _ in range(num_train_epochs):
-        for indices in images.epoch_batches(args.train_batch_size):
+        batches = images.epoch_batches(args.train_batch_size)
+        for position, indices in enumerate(batches):
             latents = model_input(indices)
             b, _, h, w = latents.shape
             draw = sampler.sample(latents.shape)
@@ -379,7 +383,7 @@ def main(args: argparse.Namespace) -> str:
                       pooled, prepare_latent_image_ids(h // 2, w // 2), txt_ids]
             if transformer.config.guidance_embeds:
                 inputs.append(ms.Tensor(np.full(b, args.guidance_scale, np.float32)))
-            out = train_step(*inputs)
+            out = train_step(*inputs, end_of_epoch=position == len(batches) - 1)
             if not np.isfinite(out.loss):
                 raise FloatingPointError(f"the loss became {out.loss} at step {train_step.global_step}")
             if out.sync_gradients:
@@ -407,7 +411,7 @@ def cli(argv: list[str] | None = None) -> int:
 
     try:
         main(args)
-    except (ValueError, FileNotFoundError, WeightsLoadingError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, WeightsLoadingError) as err:
         print(f"train_dreambooth_lora_flux.py: error: {err}", file=sys.stderr)
         return 1
     return 0

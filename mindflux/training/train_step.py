@@ -186,10 +186,12 @@ class LoRATrainStep:
         self.micro_step = 0
         self.global_step = 0
 
-    def __call__(self, *inputs: Tensor) -> StepOutput:
+    def __call__(self, *inputs: Tensor, end_of_epoch: bool = False) -> StepOutput:
+        """One micro-batch. `end_of_epoch` completes the update early on an epoch's last batch, as
+        accelerate does when the dataloader ends (each micro-batch still counts 1/accumulation_steps)."""
         lr = self.lr_scheduler.get_lr()
         self.micro_step += 1
-        if self.micro_step < self.gradient_accumulation_steps:
+        if self.micro_step < self.gradient_accumulation_steps and not end_of_epoch:
             loss = self.accumulate_step(*inputs)
             return StepOutput(float(loss.asnumpy()), lr, False, None)
         self.micro_step = 0
