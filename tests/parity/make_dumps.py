@@ -34,6 +34,11 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
     ],
     "vae": [("torch", "dump_vae:make_reference")],
     "scheduler": [("torch", "dump_scheduler:make_reference")],
+    "lora": [
+        ("torch", "dump_lora:make_reference"),
+        ("mindspore", "dump_lora:write_mindflux_files"),
+        ("torch", "dump_lora:load_mindflux_files"),
+    ],
 }
 
 
