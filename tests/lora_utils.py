@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 
 from mindflux import FluxTransformer2DModel
 from mindflux.lora import FluxLoraLoaderMixin
+from mindflux.models.clip import CLIPTextModel
 from tests.conftest import FIXTURES, load_cases, tensors
 from tests.parity.dump_lora import mindspore_probes
 
 LORA = FIXTURES / "lora"
 BASE = FIXTURES / "transformer" / "flux_dev"
+CLIP = FIXTURES / "text_encoders" / "clip"
 
 
 class StandInPipeline(FluxLoraLoaderMixin):
@@ -19,6 +22,15 @@ class StandInPipeline(FluxLoraLoaderMixin):
     def __init__(self, transformer=None, text_encoder=None):
         self.transformer = transformer if transformer is not None else FluxTransformer2DModel.from_pretrained(str(BASE))
         self.text_encoder = text_encoder
+
+
+def clip() -> CLIPTextModel:
+    return CLIPTextModel.from_pretrained(str(CLIP))
+
+
+def clip_outputs(text_encoder, refs: dict) -> dict[str, np.ndarray]:
+    out = text_encoder(ms.Tensor(refs["clip_input_ids"]))
+    return {"last_hidden_state": out.last_hidden_state.asnumpy(), "pooler_output": out.pooler_output.asnumpy()}
 
 
 def references() -> dict[str, np.ndarray]:
@@ -35,12 +47,12 @@ def probe_inputs(refs: dict) -> dict[int, np.ndarray]:
     return {int(k.rsplit(".", 1)[1]): v for k, v in refs.items() if k.startswith("probe_input.")}
 
 
-def probe_error(model, refs: dict, case: str) -> float:
+def probe_error(model, refs: dict, case: str, kind: str = "probe") -> float:
     """Largest difference between mindflux's and diffusers' LoRA terms over every adapted layer.
 
     A layer diffusers adapted with zeros (a zero block of a fused file) may be absent in mindflux.
     """
-    prefix = f"{case}.probe."
+    prefix = f"{case}.{kind}."
     expected = {k[len(prefix):]: v for k, v in refs.items() if k.startswith(prefix)}
     assert expected, case
     mine = mindspore_probes(model, probe_inputs(refs))

@@ -14,8 +14,8 @@ from mindflux import FluxTransformer2DModel
 from mindflux.lora import FluxLoraLoaderMixin, LoraConfig, get_peft_model_state_dict, save_kohya_lora
 from mindflux.safetensors_io import SafetensorsFile, load_file
 from tests.conftest import max_abs_diff
-from tests.lora_utils import BASE, LORA, StandInPipeline, inputs, probe_error, references
-from tests.parity.dump_lora import AB_WEIGHTS, add_mindflux_adapter
+from tests.lora_utils import BASE, LORA, StandInPipeline, clip, clip_outputs, inputs, probe_error, references
+from tests.parity.dump_lora import AB_WEIGHTS, add_mindflux_adapter, add_mindflux_te_adapter
 
 TOL = 1e-4
 PROBE_TOL = 1e-5
@@ -103,20 +103,64 @@ def test_bfl_control_lora_matches_diffusers_and_restores_norms(refs):
         np.testing.assert_array_equal(params[name].asnumpy(), value, err_msg=name)
 
 
+def check_clip(text_encoder, refs, case):
+    outputs = clip_outputs(text_encoder, refs)
+    assert max_abs_diff(refs[f"{case}.clip.last_hidden_state"], refs["base.clip.last_hidden_state"]) > 0.1
+    for name, value in outputs.items():
+        assert max_abs_diff(value, refs[f"{case}.clip.{name}"]) <= TOL, (case, name)
+
+
+def test_clip_lora_files_match_transformers(refs):
+    pipe = StandInPipeline(text_encoder=clip())
+    pipe.load_lora_weights(str(LORA / "peft_te"), adapter_name="te")  # transformer and CLIP LoRAs in one file
+    assert pipe.get_list_adapters() == {"transformer": ["te"], "text_encoder": ["te"]}
+    assert probe_error(pipe.transformer, refs, "peft_a") <= PROBE_TOL
+    assert probe_error(pipe.text_encoder, refs, "peft_te", "clip_probe") <= PROBE_TOL
+    check_clip(pipe.text_encoder, refs, "peft_te")
+    kohya = StandInPipeline(text_encoder=clip())
+    kohya.load_lora_weights(str(LORA / "kohya_te.safetensors"), adapter_name="k")
+    assert probe_error(kohya.text_encoder, refs, "kohya_te", "clip_probe") <= PROBE_TOL
+    check_clip(kohya.text_encoder, refs, "kohya_te")
+    # the same LoRA under ComfyUI's and sd-scripts' FLUX keys
+    state = load_file(str(LORA / "kohya_te.safetensors"))
+    comfy = {}
+    for key, value in state.items():
+        module, _, suffix = key[len("lora_te_"):].partition(".")
+        dotted = next(m for m, _ in kohya.text_encoder.lora_layers() if m.replace(".", "_") == module)
+        comfy[f"text_encoders.clip_l.transformer.{dotted}.{suffix}"] = value
+    kohya.load_lora_weights(comfy, adapter_name="comfy")
+    kohya.load_lora_weights({k.replace("lora_te_", "lora_te1_"): v for k, v in state.items()}, adapter_name="te1")
+    loaded = {n: kohya.text_encoder.get_adapter_state_dict(n) for n in ("k", "comfy", "te1")}
+    for name in ("comfy", "te1"):
+        assert loaded[name].keys() == loaded["k"].keys()
+        assert all(np.array_equal(loaded[name][key], loaded["k"][key]) for key in loaded["k"]), name
+
+
 def test_mindflux_files_load_in_diffusers(refs, tmp_path):
     # The fixtures were written by mindflux (make_dumps' mindspore stage) and loaded by diffusers.
     # Writing them again must give the same bytes, so diffusers' results are about today's writers.
-    model = FluxTransformer2DModel.from_pretrained(str(BASE))
+    model, text_encoder = FluxTransformer2DModel.from_pretrained(str(BASE)), clip()
     add_mindflux_adapter(model)
+    add_mindflux_te_adapter(text_encoder)
     FluxLoraLoaderMixin.save_lora_weights(str(tmp_path / "diffusers"),
                                           transformer_lora_layers=get_peft_model_state_dict(model, "mf"),
-                                          transformer_lora_adapter_metadata=model.peft_config["mf"].to_dict())
-    save_kohya_lora(str(tmp_path / "kohya.safetensors"), transformer=model, adapter_name="mf")
+                                          text_encoder_lora_layers=get_peft_model_state_dict(text_encoder, "mf"),
+                                          transformer_lora_adapter_metadata=model.peft_config["mf"].to_dict(),
+                                          text_encoder_lora_adapter_metadata=text_encoder.peft_config["mf"].to_dict())
+    save_kohya_lora(str(tmp_path / "kohya.safetensors"), transformer=model, text_encoder=text_encoder,
+                    adapter_name="mf")
+    save_kohya_lora(str(tmp_path / "kohya_te.safetensors"), text_encoder=text_encoder, adapter_name="mf",
+                    text_encoder_prefix="lora_te_")
     name = "pytorch_lora_weights.safetensors"
     assert (tmp_path / "diffusers" / name).read_bytes() == (LORA / "mindflux_diffusers" / name).read_bytes()
-    assert (tmp_path / "kohya.safetensors").read_bytes() == (LORA / "mindflux_kohya.safetensors").read_bytes()
+    for file in ("kohya", "kohya_te"):
+        assert (tmp_path / f"{file}.safetensors").read_bytes() == \
+            (LORA / f"mindflux_{file}.safetensors").read_bytes(), file
     for case in ("mindflux_diffusers", "mindflux_kohya"):
         assert probe_error(model, refs, case) <= PROBE_TOL, case
+    for case in ("mindflux_diffusers", "mindflux_kohya_te"):
+        assert probe_error(text_encoder, refs, case, "clip_probe") <= PROBE_TOL, case
+        check_clip(text_encoder, refs, case)
     output = model(**inputs(refs)).sample
     for case in ("mindflux_diffusers", "mindflux_kohya"):
         assert max_abs_diff(refs[f"{case}.output"], refs["base.output"]) > 0.1

@@ -2,7 +2,7 @@
 
 A kohya file adapts BFL modules: `lora_unet_<BFL module, dots as underscores>.lora_down.weight`
 (rank, in), `.lora_up.weight` (out, rank) and `.alpha`, applied as W + up @ down * alpha / rank.
-CLIP modules are `lora_te1_<module, dots as underscores>`.
+CLIP modules are `lora_te1_<module, dots as underscores>` (sd-scripts' FLUX spelling) or `lora_te_`.
 
 diffusers modules fused in the BFL layout (to_q/to_k/to_v -> img_attn.qkv; to_q/to_k/to_v/proj_mlp
 -> a single block's linear1) become one LoRA:
@@ -74,11 +74,16 @@ def _fused(weights: list[LoraWeights | None], rank: int, out_rows: list[int], in
     return down, up, scale
 
 
-def convert_to_kohya(layers: dict[str, dict[str, LoraWeights]], layouts: Layouts) -> dict[str, np.ndarray]:
+def convert_to_kohya(layers: dict[str, dict[str, LoraWeights]], layouts: Layouts,
+                     text_encoder_prefix: str = "lora_te1_") -> dict[str, np.ndarray]:
     """{component: {diffusers module: LoraWeights}} -> kohya keys (fp32 arrays, scalar alphas).
 
     `layouts` gives the output sizes of fused targets that have no LoRA (their zero rows).
+    text_encoder_prefix: sd-scripts' FLUX spelling `lora_te1_` (ComfyUI reads it too), or `lora_te_`,
+    the only one diffusers 0.35 reads.
     """
+    if text_encoder_prefix not in ("lora_te1_", "lora_te_"):
+        raise ValueError(f"text_encoder_prefix must be 'lora_te1_' or 'lora_te_', not {text_encoder_prefix!r}")
     out: dict[str, np.ndarray] = {}
     transformer = layers.get("transformer", {})
     if transformer:
@@ -109,7 +114,7 @@ def convert_to_kohya(layers: dict[str, dict[str, LoraWeights]], layouts: Layouts
         rank = max(w.rank for w in text_encoder.values())
         for module, w in text_encoder.items():
             down, up = _pad(w, rank)
-            _write(out, "lora_te1_" + module.replace(".", "_"), down, up, _scale(w))
+            _write(out, text_encoder_prefix + module.replace(".", "_"), down, up, _scale(w))
     unknown = sorted(set(layers) - {"transformer", "text_encoder"})
     if unknown:
         raise ValueError(f"kohya files hold the transformer and the CLIP text encoder only, not {unknown}")
@@ -117,10 +122,11 @@ def convert_to_kohya(layers: dict[str, dict[str, LoraWeights]], layouts: Layouts
 
 
 def save_kohya_lora(save_path: str, transformer=None, text_encoder=None, adapter_name: str = "default",
-                    dtype: str = "fp32") -> None:
+                    dtype: str = "fp32", text_encoder_prefix: str = "lora_te1_") -> None:
     """Write an adapter of a transformer (and a CLIP text encoder) as a kohya-format safetensors file.
 
-    `dtype` is the weights' storage (fp32, bf16, fp16); alphas stay fp32.
+    `dtype` is the weights' storage (fp32, bf16, fp16); alphas stay fp32. See convert_to_kohya for
+    text_encoder_prefix.
     """
     from .loader import adapter_lora_weights, layouts_of, write_lora
 
@@ -128,4 +134,5 @@ def save_kohya_lora(save_path: str, transformer=None, text_encoder=None, adapter
     if not models:
         raise ValueError("pass the transformer and/or the text encoder whose adapter to export")
     layers = {c: adapter_lora_weights(m, adapter_name) for c, m in models.items()}
-    write_lora(save_path, convert_to_kohya(layers, layouts_of(models)), KOHYA_METADATA, dtype=dtype)
+    kohya = convert_to_kohya(layers, layouts_of(models), text_encoder_prefix)
+    write_lora(save_path, kohya, KOHYA_METADATA, dtype=dtype)

@@ -194,8 +194,10 @@ class FluxLoraLoaderMixin:
         write_lora(path, tensors, metadata)
         logger.info("LoRA weights saved in %s", path)
 
-    def save_lora_weights_kohya(self, save_path: str, adapter_name: str | None = None, dtype: str = "fp32") -> None:
-        """Write one adapter of the transformer (and CLIP) as a kohya-format file, for ComfyUI."""
+    def save_lora_weights_kohya(self, save_path: str, adapter_name: str | None = None, dtype: str = "fp32",
+                                text_encoder_prefix: str = "lora_te1_") -> None:
+        """Write one adapter of the transformer (and CLIP) as a kohya-format file, for ComfyUI
+        (see mindflux.lora.convert_to_kohya)."""
         models = {c: m for c, m in self._lora_models().items() if m is not None and getattr(m, "peft_config", None)}
         if adapter_name is None:
             names = sorted({n for m in models.values() for n in m.peft_config})
@@ -205,7 +207,8 @@ class FluxLoraLoaderMixin:
         models = {c: m for c, m in models.items() if adapter_name in m.peft_config}
         if not models:
             raise ValueError(f"no model of the pipeline has an adapter {adapter_name!r}")
-        save_kohya_lora(save_path, adapter_name=adapter_name, dtype=dtype, **models)
+        save_kohya_lora(save_path, adapter_name=adapter_name, dtype=dtype, text_encoder_prefix=text_encoder_prefix,
+                        **models)
 
     # ---- switching ----------------------------------------------------------------------------
     def _models_with_lora(self) -> dict:

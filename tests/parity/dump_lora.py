@@ -22,7 +22,10 @@ from .dump_transformer import make_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_MODEL = ROOT / "tests" / "fixtures" / "transformer" / "flux_dev"
+CLIP_MODEL = ROOT / "tests" / "fixtures" / "text_encoders" / "clip"
+CLIP_CASES = ROOT / "tests" / "fixtures" / "text_encoders" / "cases.safetensors"
 PROBE_COLUMNS = 3
+PROBE_SIZES = (16, 24, 32, 37, 128, 160, 256)  # the in_features of the tiny transformer's and CLIP's linear layers
 # Tiny-model sizes for diffusers' converters, which hard-code FLUX.1's (see _patched_converters).
 NUM_LAYERS, NUM_SINGLE_LAYERS, INNER_DIM, MLP_DIM = 2, 2, 32, 128
 
@@ -38,19 +41,26 @@ AB_WEIGHTS = [0.7, 1.3]
 MINDFLUX = dict(r=4, lora_alpha=6, rank_pattern={"to_k": 2}, alpha_pattern={"proj_mlp": 2, "ff.net.2": 3},
                 target_modules=r".*(to_q|to_k|to_v|to_out\.0|add_k_proj|proj_mlp|ff\.net\.2|blocks\.\d+\.proj_out)")
 MINDFLUX_SEED = 2024
+# CLIP: diffusers' text-encoder targets; mindflux's adapter adds the MLP input and its own rank and alpha.
+PEFT_TE = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+MINDFLUX_TE = dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])
 
 
 # ---- shared with the tests (no torch) -----------------------------------------------------------
-def add_mindflux_adapter(model, name: str = "mf") -> None:
+def add_mindflux_adapter(model, name: str = "mf", config: dict = MINDFLUX, seed: int = MINDFLUX_SEED) -> None:
     """The mindflux-made adapter of the interop files, with deterministic non-zero weights."""
     import mindspore as ms
 
     from mindflux.lora import LoraConfig
 
-    model.add_adapter(LoraConfig(**MINDFLUX), name)
-    rng = np.random.default_rng(MINDFLUX_SEED)
+    model.add_adapter(LoraConfig(**config), name)
+    rng = np.random.default_rng(seed)
     for param in model.lora_parameters(name):
         param.set_data(ms.Tensor((rng.standard_normal(param.shape) * 0.15).astype(np.float32)))
+
+
+def add_mindflux_te_adapter(text_encoder, name: str = "mf") -> None:
+    add_mindflux_adapter(text_encoder, name, MINDFLUX_TE, MINDFLUX_SEED + 1)
 
 
 def mindspore_probes(model, probe_inputs: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,12 +100,14 @@ def _patched_converters():
         conv._convert_bfl_flux_control_lora_to_diffusers, bfl_sizes)
 
 
-def _pipeline():
-    """A FluxPipeline around a fresh copy of the fixture transformer (no other components needed)."""
+def _pipeline(clip: bool = False):
+    """A FluxPipeline around fresh copies of the fixture transformer (and CLIP); no other components needed."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     model = FluxTransformer2DModel.from_pretrained(str(BASE_MODEL))
-    return FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+    text_encoder = CLIPTextModel.from_pretrained(str(CLIP_MODEL)) if clip else None
+    return FluxPipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=model)
 
 
@@ -122,6 +134,32 @@ def _record(arrays: dict, case: str, model, inputs: dict, probe_inputs: dict, **
         arrays[f"{case}.output"] = model(**inputs, **call).sample
     if not call:
         arrays.update({f"{case}.probe.{k}": v for k, v in _probes(model, probe_inputs).items()})
+
+
+def _record_clip(arrays: dict, case: str, text_encoder, input_ids, probe_inputs: dict) -> None:
+    import torch
+
+    with torch.no_grad():
+        out = text_encoder(input_ids)
+    arrays[f"{case}.clip.last_hidden_state"] = out.last_hidden_state
+    arrays[f"{case}.clip.pooler_output"] = out.pooler_output
+    arrays.update({f"{case}.clip_probe.{k}": v for k, v in _probes(text_encoder, probe_inputs).items()})
+
+
+def _kohya_te(text_encoder, generator) -> dict:
+    """CLIP LoRA keys in kohya's SD1 spelling lora_te_ (diffusers 0.35 drops sd-scripts' FLUX spelling
+    lora_te1_ silently), bf16, power-of-two scales."""
+    import torch
+
+    sd = {}
+    linear = [(n, m) for n, m in text_encoder.named_modules() if isinstance(m, torch.nn.Linear)]
+    for index, (name, module) in enumerate(linear):
+        key = "lora_te_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = (0.2 * torch.randn(4, module.in_features, generator=generator)).bfloat16()
+        sd[f"{key}.lora_up.weight"] = (0.2 * torch.randn(module.out_features, 4, generator=generator)).bfloat16()
+        if index % 3:
+            sd[f"{key}.alpha"] = torch.tensor(2.0 if index % 3 == 1 else 8.0, dtype=torch.bfloat16)
+    return sd
 
 
 def _randomize(model, adapter: str, generator, to_bf16: bool = False) -> None:
@@ -274,7 +312,7 @@ def make_reference(out: Path) -> None:
     arrays = {}
     inputs = make_inputs(generator, guidance=True)
     arrays.update({f"input.{k}": v for k, v in inputs.items()})
-    probe_inputs = {n: torch.randn(n, PROBE_COLUMNS, generator=generator).numpy() for n in (16, 24, 32, 128, 160, 256)}
+    probe_inputs = {n: torch.randn(n, PROBE_COLUMNS, generator=generator).numpy() for n in PROBE_SIZES}
     arrays.update({f"probe_input.{n}": v for n, v in probe_inputs.items()})
 
     # diffusers + peft adapters, saved by diffusers
@@ -310,23 +348,54 @@ def make_reference(out: Path) -> None:
                 assert torch.equal(pipe.transformer(**inputs).sample, arrays["kohya.output"])
             continue
         _record(arrays, case, pipe.transformer, inputs, probe_inputs)
+
+    # CLIP: a diffusers file with transformer and text-encoder LoRAs, and a kohya file with lora_te1_ keys
+    from safetensors.numpy import load_file as load_numpy
+
+    input_ids = torch.from_numpy(load_numpy(str(CLIP_CASES))["clip.input_ids"][:2])
+    arrays["clip_input_ids"] = input_ids
+    pipe = _pipeline(clip=True)
+    clip = pipe.text_encoder
+    with torch.no_grad():
+        arrays["base.clip.last_hidden_state"] = clip(input_ids).last_hidden_state
+    clip.add_adapter(LoraConfig(**PEFT_TE), adapter_name="te")
+    _randomize(clip, "te", generator)
+    FluxPipeline.save_lora_weights(out / "peft_te",
+                                   transformer_lora_layers=get_peft_model_state_dict(model, adapter_name="a"),
+                                   text_encoder_lora_layers=get_peft_model_state_dict(clip, adapter_name="te"),
+                                   transformer_lora_adapter_metadata=model.peft_config["a"].to_dict(),
+                                   text_encoder_lora_adapter_metadata=clip.peft_config["te"].to_dict())
+    _record_clip(arrays, "peft_te", clip, input_ids, probe_inputs)
+    pipe = _pipeline(clip=True)
+    save_file(_kohya_te(pipe.text_encoder, generator), str(out / "kohya_te.safetensors"))
+    pipe.load_lora_weights(str(out / "kohya_te.safetensors"), adapter_name="kohya_te")
+    _record_clip(arrays, "kohya_te", pipe.text_encoder, input_ids, probe_inputs)
+
     arrays.update(_init_statistics(generator))
     save_arrays(out / "cases.safetensors", arrays)
 
 
 def write_mindflux_files(out: Path) -> None:
-    """MindSpore stage: mindflux's own adapter as a diffusers file and as a kohya file."""
+    """MindSpore stage: mindflux's own adapters (transformer and CLIP) as a diffusers file and as a kohya file."""
     import mindflux
     from mindflux import FluxTransformer2DModel
     from mindflux.lora import FluxLoraLoaderMixin, get_peft_model_state_dict, save_kohya_lora
+    from mindflux.models.clip import CLIPTextModel
 
     mindflux.set_device("cpu", "pynative")
     model = FluxTransformer2DModel.from_pretrained(str(BASE_MODEL))
     add_mindflux_adapter(model)
+    clip = CLIPTextModel.from_pretrained(str(CLIP_MODEL))
+    add_mindflux_te_adapter(clip)
     FluxLoraLoaderMixin.save_lora_weights(str(out / "mindflux_diffusers"),
                                           transformer_lora_layers=get_peft_model_state_dict(model, "mf"),
-                                          transformer_lora_adapter_metadata=model.peft_config["mf"].to_dict())
-    save_kohya_lora(str(out / "mindflux_kohya.safetensors"), transformer=model, adapter_name="mf")
+                                          text_encoder_lora_layers=get_peft_model_state_dict(clip, "mf"),
+                                          transformer_lora_adapter_metadata=model.peft_config["mf"].to_dict(),
+                                          text_encoder_lora_adapter_metadata=clip.peft_config["mf"].to_dict())
+    save_kohya_lora(str(out / "mindflux_kohya.safetensors"), transformer=model, text_encoder=clip, adapter_name="mf")
+    # diffusers 0.35 reads CLIP keys only as lora_te_, not as sd-scripts' lora_te1_ (the default)
+    save_kohya_lora(str(out / "mindflux_kohya_te.safetensors"), text_encoder=clip, adapter_name="mf",
+                    text_encoder_prefix="lora_te_")
 
 
 def load_mindflux_files(out: Path) -> None:
@@ -340,10 +409,15 @@ def load_mindflux_files(out: Path) -> None:
     cases = load_file(str(out / "cases.safetensors"))
     inputs = {k[len("input."):]: torch.from_numpy(v) for k, v in cases.items() if k.startswith("input.")}
     probe_inputs = {int(k.rsplit(".", 1)[1]): v for k, v in cases.items() if k.startswith("probe_input.")}
+    input_ids = torch.from_numpy(cases["clip_input_ids"])
     arrays = {}
     for case, path in (("mindflux_diffusers", out / "mindflux_diffusers"),
-                       ("mindflux_kohya", out / "mindflux_kohya.safetensors")):
-        pipe = _pipeline()
+                       ("mindflux_kohya", out / "mindflux_kohya.safetensors"),
+                       ("mindflux_kohya_te", out / "mindflux_kohya_te.safetensors")):
+        pipe = _pipeline(clip=True)
         pipe.load_lora_weights(str(path), adapter_name=case)
-        _record(arrays, case, pipe.transformer, inputs, probe_inputs)
+        if case != "mindflux_kohya_te":
+            _record(arrays, case, pipe.transformer, inputs, probe_inputs)
+        if case != "mindflux_kohya":  # whose lora_te1_ keys diffusers drops
+            _record_clip(arrays, case, pipe.text_encoder, input_ids, probe_inputs)
     save_arrays(out / "mindflux_files.safetensors", arrays)
