@@ -296,3 +296,12 @@ def test_read_lora_keeps_fp32_and_reads_metadata():
     assert metadata["transformer.r"] == 4 and {v.dtype for v in state.values()} == {np.dtype(np.float32)}
     state, metadata = read_lora(str(LORA / "kohya.safetensors"))
     assert metadata is None and {v.dtype for v in state.values()} == {np.dtype(np.float32)}
+
+
+def test_lora_loaded_into_a_bf16_model_stays_fp32():
+    model = FluxTransformer2DModel.from_pretrained(str(BASE), mindspore_dtype="bf16")
+    StandInPipeline(model).load_lora_weights(str(LORA / "kohya.safetensors"))
+    assert {p.dtype for p in model.lora_parameters()} == {ms.float32}
+    layer = dict(model.lora_layers())["transformer_blocks.0.attn.to_q"]
+    assert layer.weight.dtype == ms.bfloat16
+    assert layer.lora_A["default_0"].get_mixed_precision_type() is not None  # computes in bf16 via to_float
