@@ -109,16 +109,21 @@ def test_unmappable_keys_are_listed_by_name_or_warned(caplog):
         "lora_unet_double_blocks_0_bogus.lora_down.weight": np.zeros((4, 32), np.float32),
         "lora_unet_double_blocks_0_bogus.lora_up.weight": np.zeros((32, 4), np.float32),
         "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": np.zeros((4, 8), np.float32),
+        "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": np.zeros((4, 8), np.float32),
         "lora_unet_double_blocks_1_img_attn_qkv.dora_scale": np.zeros((1, 96), np.float32),
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((4, 8), np.float32),
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.zeros((8, 4), np.float32),
+        # lora_A spelling of a down matrix the file already has
+        "lora_unet_double_blocks_0_img_attn_proj.lora_A.weight": np.ones((4, 32), np.float32),
     }
     pipe = StandInPipeline()
     with pytest.raises(LoraKeyError) as err:
         pipe.load_lora_weights({**state, **junk}, adapter_name="x")
     for key in junk:
         assert key in str(err.value)
-    assert "DoRA" in str(err.value) and "text_encoder, which this pipeline does not have" in str(err.value)
+    for reason in ("DoRA", "text_encoder, which this pipeline does not have", "a T5 LoRA", "no FLUX module",
+                   "a second down"):
+        assert reason in str(err.value)
     assert not getattr(pipe.transformer, "peft_config", None)  # nothing was loaded
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights({**state, **junk}, adapter_name="x", strict=False)

@@ -135,6 +135,8 @@ def _classify(key: str) -> _Key | None:
         return _Key("comfyui", "text_encoder", "diffusers", m.group(1), _KINDS[m.group(2)])
     if key.startswith(_BFL_ROOTS) and (m := _DOTTED.match(key)):
         return _Key("bfl", "transformer", "bfl", m.group(1), _KINDS[m.group(2)])
+    if key.startswith("text_encoder_2.") and _DIFFUSERS.match(key):  # diffusers' name for FLUX's T5
+        return _Key("diffusers", None, "diffusers", key, "down")
     if m := _DIFFUSERS_NORM.match(key):
         return _Key("diffusers", "transformer", "diffusers", m.group(1), "scale")
     if m := _DIFFUSERS.match(key):
@@ -208,10 +210,13 @@ def convert_to_diffusers(state_dict: dict[str, np.ndarray], layouts: Layouts | N
             result.unmapped[key] = _why_not(key)
             continue
         if parsed.component is None:
-            result.unmapped[key] = "LoRA for a text encoder mindflux does not load (only CLIP, lora_te1_)"
+            result.unmapped[key] = "a T5 LoRA: mindflux loads LoRAs of the transformer and of CLIP only"
             continue
-        group = (parsed.component, parsed.namespace, parsed.module, parsed.subset, parsed.format)
-        groups.setdefault(group, {})[parsed.kind] = (key, value)
+        group = groups.setdefault((parsed.component, parsed.namespace, parsed.module, parsed.subset, parsed.format), {})
+        if parsed.kind in group:  # e.g. both lora_A and lora_down for one module
+            result.unmapped[key] = f"a second {parsed.kind} of the module of {group[parsed.kind][0]}, which is loaded"
+            continue
+        group[parsed.kind] = (key, value)
 
     for (component, namespace, module, subset, _), parts in groups.items():
         keys = [key for key, _ in parts.values()]

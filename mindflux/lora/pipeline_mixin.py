@@ -131,8 +131,8 @@ class FluxLoraLoaderMixin:
         if hotswap:
             raise NotImplementedError("hotswap is not supported: delete the adapter and load the new one")
         state, metadata = read_lora(pretrained_model_name_or_path_or_dict, weight_name, subfolder)
-        source = pretrained_model_name_or_path_or_dict if isinstance(pretrained_model_name_or_path_or_dict, str) \
-            else "LoRA state dict"
+        source = "LoRA state dict" if isinstance(pretrained_model_name_or_path_or_dict, dict) \
+            else os.fspath(pretrained_model_name_or_path_or_dict)
         models = {c: m for c, m in self._lora_models().items() if m is not None}
         converted = convert_to_diffusers(state, layouts_of(models))
         report_unmapped(converted, strict, str(source))
