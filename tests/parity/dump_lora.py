@@ -136,6 +136,15 @@ def _record(arrays: dict, case: str, model, inputs: dict, probe_inputs: dict, **
         arrays.update({f"{case}.probe.{k}": v for k, v in _probes(model, probe_inputs).items()})
 
 
+def _metadata(config) -> dict:
+    """A peft config as lora_adapter_metadata, target_modules sorted: peft keeps them as a set, whose
+    order (which diffusers writes as it comes) changes between runs."""
+    meta = config.to_dict()
+    if isinstance(meta["target_modules"], (set, list)):
+        meta["target_modules"] = sorted(meta["target_modules"])
+    return meta
+
+
 def _record_clip(arrays: dict, case: str, text_encoder, input_ids, probe_inputs: dict) -> None:
     import torch
 
@@ -324,7 +333,7 @@ def make_reference(out: Path) -> None:
     _randomize(model, "a", generator)
     FluxPipeline.save_lora_weights(out / "peft_a",
                                    transformer_lora_layers=get_peft_model_state_dict(model, adapter_name="a"),
-                                   transformer_lora_adapter_metadata=model.peft_config["a"].to_dict())
+                                   transformer_lora_adapter_metadata=_metadata(model.peft_config["a"]))
     model.add_adapter(LoraConfig(**PEFT_B), "b")
     _randomize(model, "b", generator, to_bf16=True)  # saved as bf16 below, so the reference uses those values
     b_state = {k: v.to(torch.bfloat16) for k, v in get_peft_model_state_dict(model, adapter_name="b").items()}
@@ -363,8 +372,8 @@ def make_reference(out: Path) -> None:
     FluxPipeline.save_lora_weights(out / "peft_te",
                                    transformer_lora_layers=get_peft_model_state_dict(model, adapter_name="a"),
                                    text_encoder_lora_layers=get_peft_model_state_dict(clip, adapter_name="te"),
-                                   transformer_lora_adapter_metadata=model.peft_config["a"].to_dict(),
-                                   text_encoder_lora_adapter_metadata=clip.peft_config["te"].to_dict())
+                                   transformer_lora_adapter_metadata=_metadata(model.peft_config["a"]),
+                                   text_encoder_lora_adapter_metadata=_metadata(clip.peft_config["te"]))
     _record_clip(arrays, "peft_te", clip, input_ids, probe_inputs)
     pipe = _pipeline(clip=True)
     save_file(_kohya_te(pipe.text_encoder, generator), str(out / "kohya_te.safetensors"))
