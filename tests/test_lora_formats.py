@@ -171,9 +171,11 @@ def test_metadata_with_unsupported_peft_features_is_refused():
         LoraConfig.from_dict({**config, "use_dora": True})
     with pytest.raises(ValueError, match="use_bdlora"):
         LoraConfig.from_dict({**config, "use_bdlora": True})  # a field of a later PEFT, switched on
+    with pytest.raises(ValueError, match="pissa"):
+        LoraConfig.from_dict({**config, "init_lora_weights": "pissa_niter_4"})  # needs PiSSA's changed base model
     loaded = LoraConfig.from_dict({**config, "peft_type": "LORA", "use_bdlora": False, "bias": "none",
-                                   "init_lora_weights": "pissa", "base_model_name_or_path": "x"})
-    assert loaded.r == 4 and loaded.target_modules == ["to_q"]
+                                   "init_lora_weights": "orthogonal", "base_model_name_or_path": "x"})
+    assert loaded.r == 4 and loaded.target_modules == ["to_q"] and loaded.init_lora_weights is True
 
 
 # ---- kohya semantics --------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ _IGNORED_PEFT_FIELDS = frozenset({
     "layers_to_transform", "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
     "corda_config", "runtime_config", "qalora_group_size", "peft_version",
 })
+# PEFT initialisations that also rewrite the base weights (a saved adapter needs that changed base).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora-ga", "lora_ga")
 # PEFT features that change the computation and that LoraLinear does not implement, with the value that is harmless.
 _UNSUPPORTED_PEFT_FIELDS = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "bias": "none",
                             "modules_to_save": None}
@@ -128,7 +130,12 @@ class LoraConfig:
             raise ValueError(f"LoRA config sets {active}, which mindflux does not support "
                              f"(only plain LoRA on linear layers)")
         kwargs = {k: v for k, v in config.items() if k in known}
-        if kwargs.get("init_lora_weights") not in (None, True, False, "gaussian"):
+        init = kwargs.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise ValueError(f"LoRA config has init_lora_weights={init!r}: such an adapter belongs to a base model "
+                             f"that its initialisation changed; convert it to a plain LoRA with PEFT "
+                             f"(path_initial_model_for_weight_conversion) first")
+        if init not in (True, False, "gaussian"):
             # Other PEFT initialisations only decide the starting point; loaded weights replace it.
             kwargs["init_lora_weights"] = True
         return cls(**kwargs)
