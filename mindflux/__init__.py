@@ -1,11 +1,19 @@
 """mindflux: the FLUX.1 image-generation stack (diffusers names and numbers) on MindSpore."""
 
-from .device import get_device, set_device
-from .modeling_utils import ModelMixin, WeightsLoadingError
-from .models import AutoencoderKL, FluxTransformer2DModel
-from .schedulers import FlowMatchEulerDiscreteScheduler
+import os
+
+# mindflux uses transformers for its tokenizers only. With torch installed, importing transformers
+# would import torch too (seconds, and torch and MindSpore sharing a process is asking for trouble);
+# this keeps it out unless the user asks for it. It must be set before transformers is imported.
+os.environ.setdefault("USE_TORCH", "0")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "None of PyTorch ... have been found"
+
+from .device import get_device, set_device  # noqa: E402
+from .modeling_utils import ModelMixin, WeightsLoadingError  # noqa: E402
+from .models import AutoencoderKL, CLIPTextModel, FluxTransformer2DModel, T5EncoderModel  # noqa: E402
+from .schedulers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoencoderKL", "FlowMatchEulerDiscreteScheduler", "FluxTransformer2DModel", "ModelMixin",
-           "WeightsLoadingError", "get_device", "set_device"]
+__all__ = ["AutoencoderKL", "CLIPTextModel", "FlowMatchEulerDiscreteScheduler", "FluxTransformer2DModel", "ModelMixin",
+           "T5EncoderModel", "WeightsLoadingError", "get_device", "set_device"]

@@ -2,7 +2,7 @@
 
 The evaluation loss is the flow-matching loss on the training latents with 16 fixed (noise,
 sigma) draws, before and after 48 AdamW steps (graph mode, fp32, CPU). Measured with this test
-(lr 1e-2, rank 16) for transformer seeds 0, 1, 2: 0.79, 0.78, 0.77 of the start (lr 1e-3:
+(lr 1e-2, rank 16) for transformer seeds 0, 1, 2: 0.80, 0.77, 0.77 of the start (lr 1e-3:
 0.97, lr 3e-3: 0.90 after 40 steps); untrained it stays 1.00. The threshold, 0.9, sits between.
 """
 
@@ -22,7 +22,7 @@ from mindflux.training import (
     get_scheduler,
 )
 from mindflux.training.data import DreamBoothImages
-from tests.tiny_flux import TEXT_LEN, make_images, make_model_folder
+from tests.tiny_flux import POOLED_DIM, TEXT_LEN, make_images, make_model_folder
 
 STEPS, LEARNING_RATE, RANK, THRESHOLD = 48, 1e-2, 16, 0.9
 TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
@@ -44,7 +44,8 @@ def test_lora_training_lowers_the_loss(tmp_path, graph_mode):
                                 vae.config.shift_factor)
     batch, _, h, w = latents.shape
     rng = np.random.default_rng(1)
-    text = (rng.standard_normal((1, TEXT_LEN, 32)).astype(np.float32), rng.standard_normal((1, 24)).astype(np.float32))
+    text = (rng.standard_normal((1, TEXT_LEN, 32)).astype(np.float32),
+            rng.standard_normal((1, POOLED_DIM)).astype(np.float32))
     conditioning = [prepare_latent_image_ids(h // 2, w // 2), prepare_text_ids(TEXT_LEN)]
 
     def inputs(z, draw):

@@ -53,6 +53,16 @@ def test_trains_and_writes_a_diffusers_lora(workdir, tmp_path):
     assert metadata["transformer.r"] == 2 and metadata["transformer.lora_alpha"] == 4
 
 
+def test_text_encoders_and_bf16_saving_path(workdir, tmp_path):
+    """Without precomputed embeddings the script encodes the prompts with the model folder's CLIP and T5."""
+    args = base_args(workdir, tmp_path)
+    position = args.index("--precomputed_prompt_embeds")
+    del args[position:position + 2]
+    assert script.cli(args + ["--max_train_steps", "1", "--max_sequence_length", "16"]) == 0
+    weights = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert len(weights) == 2 * 15  # diffusers' 12 default targets: 12 + 3 (single block q/k/v) layers
+
+
 def test_prior_preservation_and_cached_latents_run(workdir, tmp_path):
     args = base_args(workdir, tmp_path) + ["--train_batch_size", "1", "--max_train_steps", "1",
                                            "--with_prior_preservation", "--class_data_dir", str(workdir / "class"),

@@ -1,4 +1,5 @@
-"""A tiny diffusers-format FLUX folder (transformer, VAE, scheduler), images and prompt embeddings for tests."""
+"""A tiny diffusers-format FLUX folder (transformer, VAE, scheduler, text encoders and tokenizers), images and
+prompt embeddings for training tests."""
 
 from __future__ import annotations
 
@@ -12,19 +13,26 @@ from mindflux import FluxTransformer2DModel
 from mindflux.safetensors_io import save_file
 from tests.conftest import FIXTURES
 
-# 16 VAE latent channels packed 2x2 -> 64 transformer channels; the tiny VAE downsamples 2x.
+# 16 VAE latent channels packed 2x2 -> 64 transformer channels; the tiny VAE downsamples 2x. The text
+# sizes are the tiny text-encoder fixtures': T5 d_model 32, CLIP hidden size 16.
 TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                           guidance_embeds=True, axes_dims_rope=[4, 6, 6])
+POOLED_DIM = TRANSFORMER_CONFIG["pooled_projection_dim"]
 TEXT_LEN = 7
 
 
 def make_model_folder(root: Path, seed: int = 0) -> Path:
-    """root/{transformer,vae,scheduler}: a randomly initialised transformer, the VAE and scheduler fixtures."""
+    """root/{transformer,vae,scheduler,text_encoder(_2),tokenizer(_2)}: a randomly initialised
+    transformer and the VAE, scheduler, text-encoder and tokenizer fixtures."""
     ms.set_seed(seed)
     FluxTransformer2DModel(**TRANSFORMER_CONFIG).save_pretrained(str(root / "transformer"))
-    shutil.copytree(FIXTURES / "vae" / "tiny", root / "vae")
-    shutil.copytree(FIXTURES / "scheduler" / "dev", root / "scheduler")
+    for name, source in (("vae", FIXTURES / "vae" / "tiny"), ("scheduler", FIXTURES / "scheduler" / "dev"),
+                         ("text_encoder", FIXTURES / "text_encoders" / "clip"),
+                         ("text_encoder_2", FIXTURES / "text_encoders" / "t5"),
+                         ("tokenizer", FIXTURES / "tokenizers" / "clip"),
+                         ("tokenizer_2", FIXTURES / "tokenizers" / "t5")):
+        shutil.copytree(source, root / name)
     return root
 
 
@@ -47,9 +55,9 @@ def make_images(folder: Path, count: int = 4, size: int = 40, seed: int = 0) -> 
 def make_prompt_embeds(path: Path, seed: int = 0, with_class: bool = False) -> Path:
     rng = np.random.default_rng(seed)
     arrays = {"prompt_embeds": rng.standard_normal((TEXT_LEN, 32)).astype(np.float32),
-              "pooled_prompt_embeds": rng.standard_normal(24).astype(np.float32)}
+              "pooled_prompt_embeds": rng.standard_normal(POOLED_DIM).astype(np.float32)}
     if with_class:
         arrays.update({"class_prompt_embeds": rng.standard_normal((TEXT_LEN, 32)).astype(np.float32),
-                       "class_pooled_prompt_embeds": rng.standard_normal(24).astype(np.float32)})
+                       "class_pooled_prompt_embeds": rng.standard_normal(POOLED_DIM).astype(np.float32)})
     save_file({k: (v, "F32") for k, v in arrays.items()}, str(path))
     return path

@@ -211,14 +211,12 @@ def load_prompt_embeds(args, weight_dtype):
 
 def encode_prompts_with_text_encoders(args, weight_dtype):
     """CLIP pooled + T5 embeddings of the instance (and class) prompt, as the pipeline computes them."""
-    try:
-        from mindflux.text_encoding import encode_prompt
-        from transformers import CLIPTokenizer, T5TokenizerFast
+    import mindspore as ms
+    from transformers import CLIPTokenizer, T5TokenizerFast  # after mindflux: it keeps torch out of transformers
 
-        from mindflux import CLIPTextModel, T5EncoderModel
-    except ImportError as err:
-        raise ValueError(f"the text encoders are not available in this mindflux ({err}); pass embeddings with "
-                         "--precomputed_prompt_embeds") from None
+    from mindflux import CLIPTextModel, T5EncoderModel
+    from mindflux.text_encoding import encode_prompt
+
     folder = args.pretrained_model_name_or_path
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     tokenizer_2 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2")
@@ -228,7 +226,7 @@ def encode_prompts_with_text_encoders(args, weight_dtype):
     def encode(prompt):
         embeds, pooled, _ = encode_prompt(text_encoder, tokenizer, text_encoder_2, tokenizer_2, prompt,
                                           max_sequence_length=args.max_sequence_length)
-        return embeds.float().asnumpy(), pooled.float().asnumpy()
+        return embeds.astype(ms.float32).asnumpy(), pooled.astype(ms.float32).asnumpy()
 
     instance = encode(args.instance_prompt)
     class_pair = encode(args.class_prompt) if args.with_prior_preservation else None
@@ -256,7 +254,6 @@ def main(args: argparse.Namespace) -> str:
         resolve_weight_dtype,
     )
     from mindflux.training.data import DreamBoothImages
-    from mindflux.training.saving import save_lora_weights
 
     device = mindflux.set_device(args.device, args.mode)
     weight_dtype = resolve_weight_dtype(args.mixed_precision)
@@ -396,10 +393,27 @@ def main(args: argparse.Namespace) -> str:
             break
     progress.close()
 
-    save_dtype = ms.float32 if args.upcast_before_saving else weight_dtype
-    path = save_lora_weights(args.output_dir, transformer.get_adapter_state_dict(), lora_config.to_dict(),
-                             dtype=save_dtype)
-    logger.info("Saved the LoRA weights to %s", path)
+    return save_lora(args, transformer, lora_config, weight_dtype)
+
+
+def save_lora(args, transformer, lora_config, weight_dtype) -> str:
+    """pytorch_lora_weights.safetensors in the weight dtype (fp32 with --upcast_before_saving), as diffusers saves."""
+    import mindspore as ms
+
+    from mindflux.lora import LORA_WEIGHT_NAME_SAFE, FluxLoraLoaderMixin, get_peft_model_state_dict
+    from mindflux.lora.loader import pack_metadata, write_lora
+
+    dtype = "fp32" if args.upcast_before_saving else {ms.bfloat16: "bf16", ms.float16: "fp16"}.get(weight_dtype, "fp32")
+
+    def save_function(tensors, path):  # save_lora_weights writes fp32; this keeps the metadata in half precision
+        write_lora(path, tensors, pack_metadata({"transformer": lora_config}), dtype=dtype)
+
+    FluxLoraLoaderMixin.save_lora_weights(args.output_dir,
+                                          transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                          transformer_lora_adapter_metadata=lora_config.to_dict(),
+                                          save_function=None if dtype == "fp32" else save_function)
+    path = os.path.join(args.output_dir, LORA_WEIGHT_NAME_SAFE)
+    logger.info("Saved the LoRA weights (%s) to %s", dtype, path)
     return path
 
 

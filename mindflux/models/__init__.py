@@ -1,5 +1,7 @@
 from .autoencoder_kl import AutoencoderKL, AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
+from .clip import CLIPTextModel
+from .t5 import T5EncoderModel
 from .transformer_flux import FluxTransformer2DModel, Transformer2DModelOutput
 
-__all__ = ["AutoencoderKL", "AutoencoderKLOutput", "DecoderOutput", "DiagonalGaussianDistribution",
-           "FluxTransformer2DModel", "Transformer2DModelOutput"]
+__all__ = ["AutoencoderKL", "AutoencoderKLOutput", "CLIPTextModel", "DecoderOutput", "DiagonalGaussianDistribution",
+           "FluxTransformer2DModel", "T5EncoderModel", "Transformer2DModelOutput"]

@@ -34,6 +34,20 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
     ],
     "vae": [("torch", "dump_vae:make_reference")],
     "scheduler": [("torch", "dump_scheduler:make_reference")],
+    # tokenizers before text_encoders: the encoders' cases are tokenized with these folders
+    "tokenizers": [
+        ("torch", "dump_text_encoders:make_tokenizers"),
+    ],
+    "text_encoders": [
+        ("torch", "dump_text_encoders:make_reference"),
+        ("mindspore", "dump_text_encoders:write_mindflux_copy"),
+        ("torch", "dump_text_encoders:load_mindflux_copy"),
+    ],
+    "lora": [
+        ("torch", "dump_lora:make_reference"),
+        ("mindspore", "dump_lora:write_mindflux_files"),
+        ("torch", "dump_lora:load_mindflux_files"),
+    ],
     "train_step": [("torch", "dump_train_step:make_reference")],
 }
 

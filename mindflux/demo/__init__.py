@@ -1,0 +1,1 @@
+"""The demo: a procedural shapes dataset and the tiny FLUX pipeline that mindflux trains on it."""
