@@ -53,7 +53,7 @@ def test_trains_and_writes_a_diffusers_lora(workdir, tmp_path):
     assert metadata["transformer.r"] == 2 and metadata["transformer.lora_alpha"] == 4
 
 
-def test_text_encoders_and_bf16_saving_path(workdir, tmp_path):
+def test_prompts_are_encoded_with_the_folders_text_encoders(workdir, tmp_path):
     """Without precomputed embeddings the script encodes the prompts with the model folder's CLIP and T5."""
     args = base_args(workdir, tmp_path)
     position = args.index("--precomputed_prompt_embeds")
