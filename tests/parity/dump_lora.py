@@ -140,6 +140,7 @@ def _metadata(config) -> dict:
     """A peft config as lora_adapter_metadata, target_modules sorted: peft keeps them as a set, whose
     order (which diffusers writes as it comes) changes between runs."""
     meta = config.to_dict()
+    meta["base_model_name_or_path"] = None  # peft records the checkout's absolute path
     if isinstance(meta["target_modules"], (set, list)):
         meta["target_modules"] = sorted(meta["target_modules"])
     return meta
