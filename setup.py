@@ -19,7 +19,7 @@ setup(
     extras_require={
         "test": ["pytest"],
         # only to regenerate the PyTorch reference dumps (tests/parity/make_dumps.py) and run bench/
-        "torch": ["torch==2.13.0", "diffusers==0.35.2", "peft", "sentencepiece", "protobuf"],
+        "torch": ["torch==2.13.0", "diffusers==0.35.2", "peft", "sentencepiece", "protobuf", "prodigyopt"],
         "mindone": ["mindone==0.5.0"],
         "tensorboard": ["tensorboardX"],
     },

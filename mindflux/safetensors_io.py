@@ -38,7 +38,9 @@ class SafetensorsError(ValueError):
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """BF16 is the upper half of an fp32, so widening is a shift and exact."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    # uint32 throughout and via 1-d: numpy turns 0-d results into scalars (and `<< 16` into int64).
+    widened = np.asarray(np.left_shift(np.asarray(bits, np.uint32), np.uint32(16)))
+    return widened.reshape(-1).view(np.float32).reshape(widened.shape)
 
 
 def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
@@ -149,7 +151,8 @@ def save_tensors(specs: dict[str, tuple[tuple[int, ...], str, Callable[[], np.nd
             f.write(blob)
             for name in order:
                 shape, dtype, fetch = specs[name]
-                arr = np.ascontiguousarray(fetch(), dtype=_NP_DTYPES[dtype])
+                # asarray, not ascontiguousarray: that turns a 0-d tensor (a LoRA alpha) into shape (1,)
+                arr = np.asarray(fetch(), dtype=_NP_DTYPES[dtype])
                 if arr.shape != tuple(shape):
                     raise ValueError(f"{name!r}: expected shape {tuple(shape)}, got {arr.shape}")
                 f.write(arr.tobytes())

@@ -20,13 +20,35 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import HeUniform, Normal, initializer
 from mindspore.nn.utils import no_init_parameters
+
+# PEFT LoraConfig fields that do not change what a loaded adapter computes (bookkeeping, or
+# initialisation that a file's weights replace); accepted in metadata and dropped.
+_IGNORED_PEFT_FIELDS = frozenset({
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "layers_to_transform", "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+    "corda_config", "runtime_config", "qalora_group_size", "peft_version",
+})
+# PEFT initialisations that also rewrite the base weights (a saved adapter needs that changed base).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora-ga", "lora_ga")
+# PEFT features that change the computation and that LoraLinear does not implement, with the value that is harmless.
+_UNSUPPORTED_PEFT_FIELDS = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "bias": "none",
+                            "modules_to_save": None}
+
+
+def get_pattern_key(pattern_keys, module_name: str) -> str | None:
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that, as a regex, matches the
+    module name or a dotted suffix of it (`"^name"` pins the whole name)."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
 
 
 @dataclass
@@ -36,8 +58,9 @@ class LoraConfig:
     target_modules: a list of module names or name suffixes (`"to_q"` matches every
     `...attn.to_q`, `"attn.to_out.0"` a longer suffix), or one regex matched against the whole
     module name. init_lora_weights: True (A kaiming-uniform, B zero: PEFT's default),
-    "gaussian" (A normal with std 1/r, B zero) or False (A and B random: the adapter is not a
-    no-op at start).
+    "gaussian" (A normal with std 1/r, B zero) or False (A and B as a fresh linear layer's
+    weights: the adapter is not a no-op at start). rank_pattern / alpha_pattern: per-module
+    r and lora_alpha, keyed by PEFT's patterns (see `get_pattern_key`).
     """
 
     r: int = 8
@@ -46,15 +69,21 @@ class LoraConfig:
     lora_dropout: float = 0.0
     init_lora_weights: bool | str = True
     use_rslora: bool = False
-    exclude_modules: list[str] | None = field(default=None)
+    exclude_modules: list[str] | str | None = field(default=None)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian'; got {self.init_lora_weights!r}")
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
+        if isinstance(self.target_modules, (tuple, set, frozenset)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (tuple, set, frozenset)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
 
     @property
     def scaling(self) -> float:
@@ -63,18 +92,59 @@ class LoraConfig:
     def matches(self, module_name: str) -> bool:
         """PEFT's rule: a regex string must match the whole name; list items match the name or
         a dotted suffix of it."""
-        excluded = self.exclude_modules or []
-        if any(module_name == m or module_name.endswith(f".{m}") for m in excluded):
+        if _name_matches(self.exclude_modules or [], module_name):
             return False
-        targets = self.target_modules
-        if targets is None:
+        if self.target_modules is None:
             raise ValueError("LoraConfig.target_modules is required (e.g. ['to_q', 'to_k', 'to_v', 'to_out.0'])")
-        if isinstance(targets, str):
-            return re.fullmatch(targets, module_name) is not None
-        return any(module_name == t or module_name.endswith(f".{t}") for t in targets)
+        return _name_matches(self.target_modules, module_name)
+
+    def for_module(self, module_name: str) -> LoraConfig:
+        """This config with r and lora_alpha resolved for one module (rank_pattern / alpha_pattern applied)."""
+        r_key = get_pattern_key(self.rank_pattern, module_name)
+        alpha_key = get_pattern_key(self.alpha_pattern, module_name)
+        return replace(self, r=int(self.rank_pattern[r_key]) if r_key is not None else self.r,
+                       lora_alpha=self.alpha_pattern[alpha_key] if alpha_key is not None else self.lora_alpha,
+                       rank_pattern={}, alpha_pattern={})
 
     def to_dict(self) -> dict:
+        """The fields as PEFT's LoraConfig(**d) accepts them (diffusers' `lora_adapter_metadata`)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> LoraConfig:
+        """A LoraConfig from PEFT's to_dict() (e.g. diffusers' `lora_adapter_metadata`).
+
+        Fields that change the computation and are not implemented here (DoRA, LoRA biases, ...)
+        raise; bookkeeping fields are dropped.
+        """
+        config = dict(config)
+        for name, harmless in _UNSUPPORTED_PEFT_FIELDS.items():
+            value = config.pop(name, harmless)
+            if value not in (harmless, None, [], {}):
+                raise ValueError(f"LoRA config has {name}={value!r}, which mindflux does not support "
+                                 f"(only plain LoRA on linear layers)")
+        known = {f.name for f in fields(cls)}
+        # Fields of newer PEFT versions are fine while off; switched on, they would change the numbers.
+        active = sorted(k for k, v in config.items() if k not in known and k not in _IGNORED_PEFT_FIELDS and v)
+        if active:
+            raise ValueError(f"LoRA config sets {active}, which mindflux does not support "
+                             f"(only plain LoRA on linear layers)")
+        kwargs = {k: v for k, v in config.items() if k in known}
+        init = kwargs.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise ValueError(f"LoRA config has init_lora_weights={init!r}: such an adapter belongs to a base model "
+                             f"that its initialisation changed; convert it to a plain LoRA with PEFT "
+                             f"(path_initial_model_for_weight_conversion) first")
+        if init not in (True, False, "gaussian"):
+            # Other PEFT initialisations only decide the starting point; loaded weights replace it.
+            kwargs["init_lora_weights"] = True
+        return cls(**kwargs)
+
+
+def _name_matches(patterns: list[str] | str, module_name: str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module_name) is not None
+    return any(module_name == p or module_name.endswith(f".{p}") for p in patterns)
 
 
 class LoraLinear(nn.Dense):
@@ -113,6 +183,15 @@ class LoraLinear(nn.Dense):
         self._reindex()
         self.sync_compute_dtype()
 
+    def to_dense(self) -> nn.Dense:
+        """A plain nn.Dense sharing this layer's base weight and bias (what unload_lora puts back)."""
+        with no_init_parameters():
+            dense = nn.Dense(self.in_channels, self.out_channels, has_bias=self.has_bias)
+        dense.weight = self.weight
+        if self.has_bias:
+            dense.bias = self.bias
+        return dense
+
     def delete_adapter(self, name: str) -> None:
         for cells in (self.lora_A, self.lora_B, self.lora_dropout):
             del cells[name]
@@ -143,14 +222,19 @@ class LoraLinear(nn.Dense):
         """B A in fp32, (out, in): what the adapter adds to W at scaling 1."""
         return self.lora_B[name].weight.asnumpy() @ self.lora_A[name].weight.asnumpy()
 
+    def merged_weight(self, scalings: dict[str, float]) -> np.ndarray:
+        """W + sum s_a B_a A_a in fp32, (out, in)."""
+        merged = self.weight.astype(ms.float32).asnumpy()
+        for name, scale in scalings.items():
+            merged = merged + scale * self.delta_weight(name)
+        return merged
+
     def merge(self, scalings: dict[str, float]) -> None:
         """W += sum s_a B_a A_a, computed in fp32; the original W is kept so unmerge() is exact."""
         if self._unmerged_weight is None:
             self._unmerged_weight = self.weight.astype(ms.float32).asnumpy()
-        merged = self.weight.astype(ms.float32).asnumpy()
-        for name, scale in scalings.items():
-            merged = merged + scale * self.delta_weight(name)
-            self.merged_adapters.append(name)
+        merged = self.merged_weight(scalings)
+        self.merged_adapters.extend(scalings)
         self.weight.set_data(Tensor(merged.astype(np.float32)).astype(self.weight.dtype))
 
     def unmerge(self) -> None:

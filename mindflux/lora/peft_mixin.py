@@ -40,6 +40,7 @@ class PeftAdapterMixin:
             object.__setattr__(self, "_active_adapters", [])
             object.__setattr__(self, "_adapters_enabled", True)
             object.__setattr__(self, "_lora_scale", 1.0)
+            object.__setattr__(self, "_overwritten_params", {})
 
     # ---- queries ----------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLinear]]:
@@ -62,28 +63,43 @@ class PeftAdapterMixin:
         return params
 
     # ---- structure --------------------------------------------------------------------------
-    def add_adapter(self, adapter_config: LoraConfig, adapter_name: str = "default") -> None:
-        """Wrap every nn.Dense that `adapter_config.target_modules` names; the new adapter becomes active."""
+    def add_adapter(self, adapter_config: LoraConfig, adapter_name: str = "default",
+                    modules: list[str] | None = None) -> None:
+        """Wrap every nn.Dense that `adapter_config.target_modules` names; the new adapter becomes active.
+
+        `modules`: exact module names to wrap instead of matching target_modules (a LoRA file's
+        modules, as PEFT injects from a state dict). Each layer gets `adapter_config.for_module`,
+        so rank_pattern / alpha_pattern give per-module ranks and alphas.
+        """
         self.__init_adapter_state()
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
-        targets = [name for name, cell in self.cells_and_names()
-                   if isinstance(cell, nn.Dense) and name and adapter_config.matches(name)]
+        linear = {name: cell for name, cell in self.cells_and_names()
+                  if isinstance(cell, nn.Dense) and name and ".lora_" not in name}
+        if modules is None:
+            targets = [name for name in linear if adapter_config.matches(name)]
+        else:
+            missing = [name for name in modules if name not in linear]
+            if missing:
+                raise ValueError(f"{type(self).__name__} has no linear layer {missing[0]}"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            targets = list(modules)
         if not targets:
             raise ValueError(f"target_modules {adapter_config.target_modules} match no linear layer of "
                              f"{type(self).__name__}")
         for name in targets:
             parent, attr = _parent_and_attr(self, name)
-            layer = getattr(parent, attr) if not isinstance(parent, nn.CellList) else parent[int(attr)]
+            layer = linear[name]
             if not isinstance(layer, LoraLinear):
                 layer = LoraLinear(layer)
                 _replace_child(parent, attr, layer)
-            layer.add_adapter(adapter_name, adapter_config)
+            layer.add_adapter(adapter_name, adapter_config.for_module(name))
         self.peft_config[adapter_name] = adapter_config
         self._rename_parameters()
         self.set_adapters([adapter_name])
 
     def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """Remove adapters; base weights that an adapter's file replaced (BFL norm scales) are restored."""
         self.__init_adapter_state()
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_names(names)
@@ -91,12 +107,41 @@ class PeftAdapterMixin:
             for name in names:
                 if name in layer.adapter_config:
                     layer.delete_adapter(name)
+        params = self.state_dict()
         for name in names:
             del self.peft_config[name]
             self._adapter_weights.pop(name, None)
+            for key, original in self._overwritten_params.pop(name, {}).items():
+                params[key].set_data(ms.Tensor(original).astype(params[key].dtype))
         self._active_adapters = [n for n in self._active_adapters if n not in names]
         self._rename_parameters()
         self._apply()
+
+    def unload_lora(self) -> None:
+        """Delete every adapter and put plain nn.Dense layers back (diffusers' unload_lora)."""
+        self.__init_adapter_state()
+        if self.peft_config:
+            self.delete_adapters(list(self.peft_config))
+        for name, layer in list(self.lora_layers()):
+            layer.unmerge()
+            parent, attr = _parent_and_attr(self, name)
+            _replace_child(parent, attr, layer.to_dense())
+        self._rename_parameters()
+        self._apply()
+
+    def overwrite_base_weights(self, adapter_name: str, weights: dict[str, np.ndarray]) -> None:
+        """Replace base parameters for an adapter (a BFL control LoRA's norm scales, as diffusers
+        loads them); the originals come back when the adapter is deleted."""
+        self._check_names([adapter_name])
+        params = self.state_dict()
+        saved = self._overwritten_params.setdefault(adapter_name, {})
+        for key, value in weights.items():
+            if key not in params:
+                raise ValueError(f"{type(self).__name__} has no parameter {key}")
+            if tuple(params[key].shape) != tuple(value.shape):
+                raise ValueError(f"{key} has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}")
+            saved.setdefault(key, params[key].astype(ms.float32).asnumpy())
+            params[key].set_data(ms.Tensor(np.asarray(value, np.float32)).astype(params[key].dtype))
 
     def set_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
         """Make these adapters active, each with its weight (default 1.0), as diffusers' set_adapters."""
@@ -137,16 +182,25 @@ class PeftAdapterMixin:
         return previous
 
     # ---- fusing -----------------------------------------------------------------------------
-    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or named) adapters into the base weights; their LoRA branches switch off."""
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None) -> None:
+        """Add the active (or named) adapters into the base weights; their LoRA branches switch off.
+
+        safe_fusing: check every fused weight for NaN/inf first and raise, naming the layer, instead of fusing.
+        """
         self.__init_adapter_state()
         names = adapter_names or self.active_adapters
         self._check_names(names)
-        for _, layer in self.lora_layers():
+        plans = []
+        for module, layer in self.lora_layers():
             scalings = {n: lora_scale * self._adapter_weights.get(n, 1.0) * layer.adapter_config[n].scaling
                         for n in names if n in layer.adapter_config and n not in layer.merged_adapters}
             if scalings:
-                layer.merge(scalings)
+                if safe_fusing and not np.all(np.isfinite(layer.merged_weight(scalings))):
+                    raise ValueError(f"fusing {sorted(scalings)} into {module} gives NaN or inf; nothing was fused")
+                plans.append((layer, scalings))
+        for layer, scalings in plans:
+            layer.merge(scalings)
         self._apply()
 
     def unfuse_lora(self) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..configuration_utils import register_to_config
+from ..lora.peft_mixin import PeftAdapterMixin
 from .normalization import LayerNorm
 from .text_encoder_utils import (
     Activation,
@@ -171,9 +172,10 @@ class CLIPTextTransformer(nn.Cell):
         return last_hidden_state, pooled, all_states
 
 
-class CLIPTextModel(TransformersModelMixin):
+class CLIPTextModel(PeftAdapterMixin, TransformersModelMixin):
     """The text model of CLIP, without projection. Defaults are transformers' CLIPTextConfig's;
-    FLUX.1's text_encoder/config.json has hidden_size 768, 12 layers and heads, intermediate 3072."""
+    FLUX.1's text_encoder/config.json has hidden_size 768, 12 layers and heads, intermediate 3072.
+    LoRA adapters (add_adapter, ...) as on the transformer; diffusers targets q_proj, k_proj, v_proj, out_proj."""
 
     model_type = "clip_text_model"
     # checkpoints written by older transformers carry the position_ids buffer

@@ -106,6 +106,24 @@ def bfl_module_of(diffusers_module: str) -> tuple[str, int] | None:
     return (f"{kind}.{index}.{bfl}" if kind else bfl), pos
 
 
+_UNDERSCORED = {
+    None: {name.replace(".", "_"): name for name in _TOP_LEVEL},
+    "double_blocks": {name.replace(".", "_"): name for name in _DOUBLE},
+    "single_blocks": {name.replace(".", "_"): name for name in _SINGLE},
+}
+_KOHYA_BLOCK = re.compile(r"^(double_blocks|single_blocks)_(\d+)_(.+)$")
+
+
+def bfl_module_from_kohya(name: str) -> str | None:
+    """The BFL module behind kohya's `lora_unet_<name>`, which writes the module's dots as underscores."""
+    match = _KOHYA_BLOCK.match(name)
+    if match is None:
+        return _UNDERSCORED[None].get(name)
+    kind, index, rest = match.groups()
+    found = _UNDERSCORED[kind].get(rest)
+    return f"{kind}.{index}.{found}" if found else None
+
+
 def split_rows(array: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     """Split a fused weight/bias along its output axis."""
     if sum(sizes) != array.shape[0]:
