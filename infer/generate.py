@@ -132,8 +132,6 @@ def check_args(args) -> list[tuple[str, float]]:
 
 
 def load_loras(pipe, loras: list[tuple[str, float]], fuse: bool) -> None:
-    if not hasattr(pipe, "load_lora_weights"):
-        raise CLIError("this mindflux has no LoRA loader (FluxLoraLoaderMixin); --lora cannot be used")
     from mindflux.lora import FORMATS
 
     names = []
@@ -143,8 +141,9 @@ def load_loras(pipe, loras: list[tuple[str, float]], fuse: bool) -> None:
             pipe.load_lora_weights(path, adapter_name=name)
         except (ValueError, OSError, KeyError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CLIError(f"cannot load LoRA file {path}: {reason} (accepted formats: {', '.join(FORMATS)}, "
-                           "as .safetensors)") from err
+            if "accepted formats" not in reason:
+                reason += f" (accepted formats: {', '.join(FORMATS)}, as .safetensors)"
+            raise CLIError(f"cannot load LoRA file {path}: {reason}") from err
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
     if fuse:

@@ -74,3 +74,45 @@ def test_usage_errors_exit_2_with_one_line(capsys):
     assert "invalid int value: 'many'" in err and len(err.strip().splitlines()) == 1
     help_text = generate.build_parser().format_help()
     assert "rounded down" in help_text and "multiple of 16" in help_text
+
+
+def write_lora(folder: Path) -> Path:
+    """A LoRA for the tiny pipeline's transformer, saved in diffusers' format by mindflux."""
+    from mindflux import FluxTransformer2DModel
+    from mindflux.lora import FluxLoraLoaderMixin, LoraConfig, get_peft_model_state_dict
+
+    transformer = FluxTransformer2DModel.from_pretrained(str(MODEL / "transformer"))
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                        init_lora_weights=False)
+    transformer.add_adapter(config)
+    FluxLoraLoaderMixin.save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                          transformer_lora_adapter_metadata=config.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_with_scale_and_fusing(tmp_path, capsys):
+    lora = write_lora(tmp_path / "lora")
+    common = ["--prompt", "a red circle", "--seed", 3, "--steps", 2, "--height", 32, "--width", 32]
+    rc, _, err = run_cli(BASE + common + ["--lora", f"{lora}:0.5", "--fuse_lora", "--output_dir", tmp_path], capsys)
+    assert rc == 0, err
+    image = Image.open(tmp_path / "000_seed3.png")
+    assert image.text["lora"] == "pytorch_lora_weights.safetensors:0.5"
+    fused = np.asarray(image.convert("RGB"), np.int32)
+
+    pipe = FluxPipeline.from_pretrained(str(MODEL))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.5])
+    call = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, generator=3, max_sequence_length=16)
+    unfused = np.asarray(pipe(**call).images[0], np.int32)
+    without = np.asarray(pipe(**call, joint_attention_kwargs={"scale": 0.0}).images[0], np.int32)
+    assert np.abs(fused - unfused).max() <= 1  # fusing changes only rounding
+    assert np.abs(fused - without).mean() > 2  # the LoRA does change the image
+
+
+def test_unreadable_lora_names_file_and_formats(tmp_path, capsys):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"this is not a safetensors file")
+    rc, _, err = run_cli(BASE + ["--prompt", "x", "--lora", bad, "--output_dir", tmp_path], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    assert f"cannot load LoRA file {bad}" in err and "accepted formats: diffusers, kohya, comfyui, bfl, xlabs" in err

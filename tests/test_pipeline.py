@@ -11,7 +11,13 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from mindflux import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from mindflux import (
+    CLIPTextModel,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from mindflux.lora import LoraConfig
 from tests.conftest import FIXTURES, load_cases, max_abs_diff
 
@@ -151,6 +157,20 @@ def test_lora_scale_reaches_the_transformer(pipe):
     off = lora(**call, joint_attention_kwargs={"scale": 0.0}).images
     assert max_abs_diff(off, ref) <= LATENT_TOL * np.abs(ref).max()
     assert max_abs_diff(lora(**call).images, ref) > 0.1
+
+
+def test_lora_scale_reaches_clip(pipe):
+    """As diffusers, joint_attention_kwargs' scale also scales the text encoder's LoRA while encoding."""
+    clip = CLIPTextModel.from_pretrained(str(FOLDER / "text_encoder"))
+    clip.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                                init_lora_weights=False))
+    lora = FluxPipeline(**dict(pipe.components, text_encoder=clip))
+    prompt = CASES["dev"]["call"]["prompt"]
+    _, off, _ = lora.encode_prompt(prompt, max_sequence_length=32, lora_scale=0.0)
+    assert max_abs_diff(off, REF["dev.pooled_prompt_embeds"]) <= 1e-4
+    _, on, _ = lora.encode_prompt(prompt, max_sequence_length=32)
+    assert max_abs_diff(on, REF["dev.pooled_prompt_embeds"]) > 0.1
+    assert clip._lora_scale == 1.0  # restored after the scaled encoding
 
 
 def test_release_text_encoders(pipe):

@@ -37,6 +37,7 @@ from ..latents import (
     standard_normal,
     unpack_latents,
 )
+from ..lora import FluxLoraLoaderMixin
 from .pipeline_utils import DiffusionPipeline, synchronize
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,11 @@ def _repeat(x: Tensor, times: int) -> Tensor:
     return x if times == 1 else ops.repeat_interleave(x, times, 0)
 
 
-class FluxPipeline(DiffusionPipeline):
+class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     """FLUX.1 text-to-image. Components and call arguments are diffusers' FluxPipeline's.
+
+    LoRA: load_lora_weights / set_adapters / fuse_lora / save_lora_weights ... come from
+    FluxLoraLoaderMixin (docs/lora.md); `joint_attention_kwargs={"scale": s}` scales them per call.
 
     `generator` takes an int seed, a numpy Generator, or a list of them with one per image;
     noise is drawn on the host (mindflux.latents.standard_normal), so the same seed gives the
@@ -234,7 +238,7 @@ class FluxPipeline(DiffusionPipeline):
 
         `prompt` goes to CLIP, `prompt_2` (default: `prompt`) to T5. Given embeddings are used as
         they are, each row repeated `num_images_per_prompt` times (diffusers leaves that to the caller).
-        `lora_scale` is accepted for diffusers compatibility: mindflux's text encoders carry no LoRA.
+        `lora_scale` scales CLIP's LoRA adapters, if it has any, for this encoding (T5 takes no LoRA).
         """
         if prompt_embeds is None:
             if self.text_encoder is None or self.text_encoder_2 is None:
@@ -243,10 +247,16 @@ class FluxPipeline(DiffusionPipeline):
                                  "(from encode_prompt), or load the pipeline with its text encoders")
             from ..text_encoding import encode_prompt
 
-            with _pynative() if self._release_text_encoders else contextlib.nullcontext():
-                prompt_embeds, pooled_prompt_embeds, text_ids = encode_prompt(
-                    self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompt, prompt_2,
-                    max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt)
+            scaled = lora_scale is not None and bool(getattr(self.text_encoder, "peft_config", None))
+            previous = self.text_encoder.set_lora_scale(lora_scale) if scaled else None
+            try:
+                with _pynative() if self._release_text_encoders else contextlib.nullcontext():
+                    prompt_embeds, pooled_prompt_embeds, text_ids = encode_prompt(
+                        self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompt, prompt_2,
+                        max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt)
+            finally:
+                if scaled:
+                    self.text_encoder.set_lora_scale(previous)
             return prompt_embeds, pooled_prompt_embeds, text_ids
         prompt_embeds = _repeat(_as_tensor(prompt_embeds, "prompt_embeds"), num_images_per_prompt)
         pooled_prompt_embeds = _repeat(_as_tensor(pooled_prompt_embeds, "pooled_prompt_embeds"), num_images_per_prompt)
@@ -373,11 +383,13 @@ class FluxPipeline(DiffusionPipeline):
         has_neg_prompt = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
         do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+        lora_scale = self._joint_attention_kwargs.get("scale")  # also for CLIP's adapters, as diffusers
 
         # 2. prompt -> T5 embeddings (B*n, L, D) and CLIP pooled (B*n, P)
         start = time.perf_counter()
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
-            prompt, prompt_2, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds, max_sequence_length)
+            prompt, prompt_2, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds, max_sequence_length,
+            lora_scale)
         if do_true_cfg:
             # one negative prompt serves every prompt of the batch
             negative_prompt, negative_prompt_2 = (
@@ -385,7 +397,7 @@ class FluxPipeline(DiffusionPipeline):
                 for p in (_as_list(negative_prompt), _as_list(negative_prompt_2)))
             negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_prompt(
                 negative_prompt, negative_prompt_2, num_images_per_prompt, negative_prompt_embeds,
-                negative_pooled_prompt_embeds, max_sequence_length)
+                negative_pooled_prompt_embeds, max_sequence_length, lora_scale)
         if self._release_text_encoders and self.text_encoder is not None:
             self.release_text_encoders()
         synchronize()
