@@ -15,6 +15,9 @@ setup(
         "transformers>=4.57,<4.58",  # tokenizers and configs only; never its torch models
         "tqdm",
         "pillow",
+        "ftfy",  # CLIPTokenizer's text cleaning; without it transformers falls back to a BERT tokenizer
+        "sentencepiece",  # T5 tokenizer: its slow form (spiece.model) is saved with the pipeline
+        "protobuf",
     ],
     extras_require={
         "test": ["pytest"],
