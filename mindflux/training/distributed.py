@@ -32,13 +32,17 @@ class DistributedContext:
 
 
 def launched_by_msrun() -> bool:
-    """msrun (and MindSpore's dynamic cluster) starts workers with MS_ROLE=MS_WORKER and MS_WORKER_NUM set."""
-    return os.environ.get("MS_ROLE") == "MS_WORKER" and int(os.environ.get("MS_WORKER_NUM", "1")) > 1
+    """msrun (MindSpore's dynamic cluster) starts the script in one scheduler process (MS_ROLE=MS_SCHED) and
+    MS_WORKER_NUM workers (MS_ROLE=MS_WORKER)."""
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED") and "MS_WORKER_NUM" in os.environ
 
 
 def init_distributed() -> DistributedContext:
     """Join the msrun cluster (after mindflux.set_device) and return this process's rank and the world size;
-    a plain single-process run returns rank 0 of 1 without touching MindSpore's communication."""
+    a plain single-process run returns rank 0 of 1 without touching MindSpore's communication.
+
+    In msrun's scheduler process init() runs the scheduler until the workers finish and then ends the
+    process, so it must come before any real work."""
     if not launched_by_msrun():
         return DistributedContext()
     from mindspore.communication import get_group_size, get_rank, init

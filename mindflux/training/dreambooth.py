@@ -226,6 +226,9 @@ class DreamBoothTrainer:
             raise TrainingError(f"--resolution {args.resolution} must be a multiple of {multiple} (the VAE downsamples "
                                 f"{self.vae_scale_factor}x and latents are packed in 2x2 patches)")
         self.buckets = parse_buckets(args.aspect_ratio_buckets, multiple)
+        if self.buckets is not None and args.with_prior_preservation:  # before any class image is generated
+            raise TrainingError("--aspect_ratio_buckets cannot be combined with --with_prior_preservation: instance "
+                                "and class images of one batch must share a shape")
         if args.with_prior_preservation:
             self.make_class_images()
         self.dataset = DreamBoothDataset(
