@@ -124,7 +124,8 @@ def test_validation_images_model_card_kohya_and_tensorboard(workdir, tmp_path):
     assert "![image_0.png](image_0.png)" in card and "pytorch_lora_weights_kohya.safetensors" in card
     assert "instance_prompt: \"a photo of sks thing\"" in card and "sks thing on the moon" in card
     kohya = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
-    assert detect_format(kohya) == "kohya" and any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in kohya)
+    assert detect_format(kohya) == "kohya"
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in kohya)
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "logs"))
     events = [json.loads(line) for line in open(out / "logs" / "train_log.jsonl") if '"event"' in line]
     assert [e["final"] for e in events if e["event"] == "validation"] == [False, False, True]
