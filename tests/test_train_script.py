@@ -198,6 +198,7 @@ def _no_transformer(root):
     (["--weighting_scheme", "uniform"], 2, "invalid choice"),
     (["--report_to", "wandb"], 2, "wandb and comet_ml are not supported"),
     (["--push_to_hub"], 2, "--push_to_hub: hub upload is not supported"),
+    (["--dataset_name", "user/dogs"], 2, "only local dataset folders are supported"),
     (["--instance_data_dir", "EMPTY"], 1, "empty has no images"),
     (["--instance_data_dir", "MISSING"], 1, "nope does not exist"),
     (["--instance_data_dir", "CORRUPT"], 1, "cannot read image"),
@@ -216,7 +217,7 @@ def test_bad_input_is_one_line_and_non_zero(workdir, tmp_path, capsys, extra, co
              if e == "NO_TRANSFORMER" else str(places[e]) if e in places else e for e in extra]
     args = base_args(workdir, tmp_path / "out")
     for name in ("--instance_data_dir", "--pretrained_model_name_or_path"):
-        if name in extra:  # replace the base value
+        if name in extra or (name == "--instance_data_dir" and "--dataset_name" in extra):  # replace the base value
             i = args.index(name)
             del args[i:i + 2]
     if code == 2:

@@ -244,6 +244,9 @@ class DreamBoothTrainer:
         self.setup_optimization()
 
     def make_class_images(self) -> None:
+        import mindspore as ms
+
+        from ..device import supports_half_precision_matmul
         from ..modeling_utils import resolve_dtype
         from ..pipelines import FluxPipeline
         from .generation import generate_class_images
@@ -252,6 +255,9 @@ class DreamBoothTrainer:
         dtype = {None: self.weight_dtype, "no": self.weight_dtype, "fp32": "fp32"}.get(args.prior_generation_precision,
                                                                                       args.prior_generation_precision)
         dtype = resolve_dtype(dtype)
+        if dtype != ms.float32 and not supports_half_precision_matmul():
+            raise TrainingError(f"--prior_generation_precision {args.prior_generation_precision} needs a GPU or Ascend "
+                                "device (the CPU has no half-precision matmul); use fp32")
 
         def factory():
             return FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, mindspore_dtype=dtype)
