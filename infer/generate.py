@@ -52,18 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--negative_prompt", help="used with --true_cfg_scale > 1 (true classifier-free guidance)")
-    p.add_argument("--height", type=int, default=1024,
-                   help="image height in pixels (default 1024); not a multiple of 16: a warning, then rounded down "
-                        "to one, as diffusers does")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024); rounded down to a "
-                                                           "multiple of 16 like --height")
+    p.add_argument("--height", type=int,
+                   help="image height in pixels (default: the model's size, 1024 for FLUX.1); not a multiple of 16: "
+                        "a warning, then rounded down to one, as diffusers does")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size); rounded down to a "
+                                             "multiple of 16 like --height")
     p.add_argument("--steps", type=int, help="denoising steps (default 28; 4 for schnell, which has no guidance "
                                              "embedding)")
     p.add_argument("--guidance_scale", type=float, default=3.5,
                    help="embedded guidance of FLUX.1-dev (default 3.5); schnell ignores it")
     p.add_argument("--true_cfg_scale", type=float, default=1.0,
                    help="true CFG scale; above 1 with --negative_prompt, every step runs the transformer twice")
-    p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (default 512, at most 512)")
+    p.add_argument("--max_sequence_length", type=int,
+                   help="T5 tokens (default: the T5 tokenizer's model_max_length, 512 for FLUX.1; at most 512)")
     p.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k (default 0)")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
@@ -111,11 +112,11 @@ def check_args(args) -> list[tuple[str, float]]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name} must be positive; got {value}")
-    if args.max_sequence_length > 512:
+    if args.max_sequence_length is not None and args.max_sequence_length > 512:
         raise CLIError(f"--max_sequence_length cannot be greater than 512 but is {args.max_sequence_length}")
     for name in ("height", "width"):  # once here, rather than a warning from the pipeline for every image
         value = getattr(args, name)
-        if value % 16:
+        if value is not None and value % 16:
             rounded = value // 16 * 16
             if rounded == 0:
                 raise CLIError(f"--{name} must be at least 16; got {value}")

@@ -112,7 +112,6 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
                               image_encoder=None, feature_extractor=None)
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
-        self.default_sample_size = 128  # latent pixels: 128 * 8 = 1024, FLUX's default resolution
         self._release_text_encoders = False
         self._text_encoders_released = False
         self.timings: dict[str, float] = {}
@@ -127,6 +126,22 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         """8 for FLUX's VAE; the packed 2x2 patches make every image side a multiple of 2 * 8 = 16.
         A property, so a VAE loaded after the pipeline (see docs/inference.md, memory) counts."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    @property
+    def default_sample_size(self) -> int:
+        """Latent pixels of the default image: the VAE's sample_size over its scale factor, i.e.
+        1024 / 8 = 128 for FLUX.1 (diffusers' fixed default) and 64 / 8 for the 64-pixel demo model."""
+        if self.vae is None:
+            return 128
+        size = self.vae.config.sample_size
+        return (size[0] if isinstance(size, (list, tuple)) else size) // self.vae_scale_factor
+
+    @property
+    def default_max_sequence_length(self) -> int:
+        """T5 tokens when the caller gives none: the T5 tokenizer's model_max_length, capped at 512.
+        That is diffusers' fixed 512 for FLUX.1 and the length the demo model was trained with."""
+        limit = getattr(self.tokenizer_2, "model_max_length", 512) if self.tokenizer_2 is not None else 512
+        return min(512, int(limit))
 
     # ---- state that callbacks read, as in diffusers -------------------------------------------
     @property
@@ -232,7 +247,7 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     # ---- 2. prompt -> embeddings --------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str] | None, prompt_2: str | list[str] | None = None,
                       num_images_per_prompt: int = 1, prompt_embeds: Tensor | np.ndarray | None = None,
-                      pooled_prompt_embeds: Tensor | np.ndarray | None = None, max_sequence_length: int = 512,
+                      pooled_prompt_embeds: Tensor | np.ndarray | None = None, max_sequence_length: int | None = None,
                       lora_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(prompt_embeds (B*n, L, 4096), pooled_prompt_embeds (B*n, 768), text_ids (L, 3)).
 
@@ -241,6 +256,7 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         `lora_scale` scales CLIP's LoRA adapters, if it has any, for this encoding (T5 takes no LoRA).
         """
         if prompt_embeds is None:
+            max_sequence_length = max_sequence_length or self.default_max_sequence_length
             if self.text_encoder is None or self.text_encoder_2 is None:
                 why = "were released after encoding" if self._text_encoders_released else "are not loaded"
                 raise ValueError(f"the text encoders {why}: pass `prompt_embeds` and `pooled_prompt_embeds` "
@@ -355,11 +371,12 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         joint_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[FluxPipeline, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
     ):
         """Generate images; arguments and defaults are diffusers' FluxPipeline.__call__'s.
 
-        height / width default to 1024 and are rounded down to a multiple of 16 (with a warning).
+        height / width default to the VAE's sample_size (1024 for FLUX.1) and are rounded down to a
+        multiple of 16 (with a warning).
         `latents` are packed initial noise, (B * num_images_per_prompt, N, 64), as a Tensor or numpy
         array. `joint_attention_kwargs={"scale": s}` scales the transformer's LoRA adapters for this
         call. `callback_on_step_end(pipe, step, timestep, {name: tensor})` may return replacements
