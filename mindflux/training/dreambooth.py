@@ -249,7 +249,7 @@ class DreamBoothTrainer:
         from ..device import supports_half_precision_matmul
         from ..modeling_utils import resolve_dtype
         from ..pipelines import FluxPipeline
-        from .generation import generate_class_images
+        from .generation import count_class_images, generate_class_images
 
         args = self.args
         dtype = {None: self.weight_dtype, "no": self.weight_dtype, "fp32": "fp32"}.get(args.prior_generation_precision,
@@ -262,10 +262,12 @@ class DreamBoothTrainer:
         def factory():
             return FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, mindspore_dtype=dtype)
 
+        existing = count_class_images(args.class_data_dir)
+        barrier(self.dist)  # every process counts before any writes
         with _pynative():
             generate_class_images(factory, args.class_data_dir, args.class_prompt, args.num_class_images,
                                   args.sample_batch_size, args.seed, self.dist.rank, self.dist.world_size,
-                                  height=args.resolution, width=args.resolution,
+                                  existing=existing, height=args.resolution, width=args.resolution,
                                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                   max_sequence_length=args.max_sequence_length)
         _free_memory()
@@ -533,6 +535,9 @@ class DreamBoothTrainer:
         self.train_step.global_step = int(saved["global_step"])
         self.train_step.micro_step = int(saved.get("micro_step", 0))
         logger.info("Resumed from %s at step %d", path, self.train_step.global_step)
+        if self.args.lora_dropout > 0:
+            logger.warning("--lora_dropout %s: the dropout masks after a resume are new draws (MindSpore's in-graph "
+                           "random state is not saved); everything else continues exactly", self.args.lora_dropout)
         batches, position = saved["batches"], int(saved["position"])
         if position >= len(batches):
             return int(saved["epoch"]) + 1, None, 0

@@ -34,14 +34,20 @@ def generate_images(pipeline, num_images: int, prompt: str | None = None, prompt
     return images
 
 
+def count_class_images(class_data_dir: str) -> int:
+    os.makedirs(class_data_dir, exist_ok=True)
+    return len(list_images(class_data_dir))
+
+
 def generate_class_images(pipeline_factory, class_data_dir: str, class_prompt: str, num_class_images: int,
                           sample_batch_size: int, seed: int | None, rank: int = 0, world_size: int = 1,
-                          **call_kwargs) -> int:
+                          existing: int | None = None, **call_kwargs) -> int:
     """Fill `class_data_dir` up to `num_class_images` images of `class_prompt`, as diffusers does
-    (`<index>-<sha1>.jpg`); under msrun each process makes every world_size-th image. Returns how
-    many this process made. `pipeline_factory()` builds the pipeline only when images are missing."""
-    os.makedirs(class_data_dir, exist_ok=True)
-    existing = len(list_images(class_data_dir))
+    (`<index>-<sha1>.jpg`); under msrun each process makes every world_size-th image, all counting from
+    the same `existing` (counted before any process started writing). Returns how many this process
+    made. `pipeline_factory()` builds the pipeline only when images are missing."""
+    if existing is None:
+        existing = count_class_images(class_data_dir)
     missing = num_class_images - existing
     if missing <= 0:
         return 0
