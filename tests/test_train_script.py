@@ -148,6 +148,21 @@ def test_text_encoder_lora_trains_at_its_own_learning_rate(workdir, tmp_path):
     assert sorted(metadata["text_encoder.target_modules"]) == ["k_proj", "out_proj", "q_proj", "v_proj"]
 
 
+def test_resume_with_a_text_encoder_lora(workdir, tmp_path):
+    """Both LoRAs and both parameter groups' optimizer state go through a checkpoint: 1 + resume + 1 updates
+    equal 2 (PyNative; each update moves weights by about the learning rate, 1e-3)."""
+    args = base_args(workdir, tmp_path, embeds=False) + [
+        "--train_batch_size", "1", "--train_text_encoder", "--text_encoder_lr", "1e-3", "--checkpointing_steps", "1",
+        "--random_flip"]
+    assert script.cli(args + ["--output_dir", str(tmp_path / "one"), "--max_train_steps", "2"]) == 0
+    assert script.cli(args + ["--output_dir", str(tmp_path / "two"), "--max_train_steps", "1"]) == 0
+    assert script.cli(args + ["--output_dir", str(tmp_path / "two"), "--max_train_steps", "2",
+                              "--resume_from_checkpoint", str(tmp_path / "two" / "checkpoint-1")]) == 0
+    one, two = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("one", "two"))
+    assert lora_b_trained(one, "text_encoder.") and one.keys() == two.keys()
+    assert max(float(np.abs(one[k] - two[k]).max()) for k in one) <= 1e-6
+
+
 def test_aspect_ratio_buckets_train(workdir, tmp_path):
     data = tmp_path / "mixed"
     data.mkdir()

@@ -75,33 +75,35 @@ def read_state(path: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
 
 
-def parameters_state(cells: dict[str, Any]) -> dict[str, np.ndarray]:
-    """{"<cell>/<parameter name>": array} of every Parameter of the given Cells (optimizer, loss scaler)."""
-    arrays = {}
+def _named_parameters(cells: dict[str, Any], exclude: set[int]):
     for prefix, cell in cells.items():
         if cell is None:
             continue
         for name, param in cell.parameters_and_names():
-            arrays[f"{prefix}/{name}"] = param.asnumpy()
-    return arrays
+            if id(param) not in exclude:
+                yield f"{prefix}/{name}", param
 
 
-def load_parameters_state(cells: dict[str, Any], arrays: dict[str, np.ndarray], source: str) -> None:
+def parameters_state(cells: dict[str, Any], exclude=()) -> dict[str, np.ndarray]:
+    """{"<cell>/<parameter name>": array} of every Parameter of the given Cells (optimizer, loss scaler),
+    except those in `exclude` (the trained weights: the checkpoint's LoRA file holds them)."""
+    skip = {id(p) for p in exclude}
+    return {key: param.asnumpy() for key, param in _named_parameters(cells, skip)}
+
+
+def load_parameters_state(cells: dict[str, Any], arrays: dict[str, np.ndarray], source: str, exclude=()) -> None:
     """Put saved arrays back into the Cells' Parameters; every Parameter must be present, with its shape."""
     import mindspore as ms
 
-    for prefix, cell in cells.items():
-        if cell is None:
-            continue
-        for name, param in cell.parameters_and_names():
-            key = f"{prefix}/{name}"
-            if key not in arrays:
-                raise CheckpointError(f"checkpoint {source} has no {key}: was it written with another optimizer or "
-                                      "other LoRA layers?")
-            value = arrays[key]
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"checkpoint {source}: {key} has shape {value.shape}, the run has {param.shape}")
-            param.set_data(ms.Tensor(value).astype(param.dtype))
+    skip = {id(p) for p in exclude}
+    for key, param in _named_parameters(cells, skip):
+        if key not in arrays:
+            raise CheckpointError(f"checkpoint {source} has no {key}: was it written with another optimizer or "
+                                  "other LoRA layers?")
+        value = arrays[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(f"checkpoint {source}: {key} has shape {value.shape}, the run has {param.shape}")
+        param.set_data(ms.Tensor(value).astype(param.dtype))
 
 
 def save_checkpoint(output_dir: str, global_step: int, write_lora, tensors: dict[str, np.ndarray],

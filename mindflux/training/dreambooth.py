@@ -507,8 +507,9 @@ class DreamBoothTrainer:
             "seed_entropy": self.seed_entropy, "global_batch_size": self.global_batch,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": self.dist.world_size,
         }
-        return save_checkpoint(args.output_dir, self.train_step.global_step, self.write_lora,
-                               parameters_state(self.stateful_cells()), state, args.checkpoints_total_limit)
+        tensors = parameters_state(self.stateful_cells(), exclude=self.optimizer.parameters)
+        return save_checkpoint(args.output_dir, self.train_step.global_step, self.write_lora, tensors, state,
+                               args.checkpoints_total_limit)
 
     def restore(self) -> tuple[int, list[list[int]] | None, int]:
         """Load the checkpoint being resumed from; returns (epoch, its batch order, next position)."""
@@ -526,7 +527,8 @@ class DreamBoothTrainer:
             except ValueError as err:
                 raise TrainingError(f"checkpoint {path} does not fit this run's LoRA ({component}): {err}") from None
         try:
-            load_parameters_state(self.stateful_cells(), load_checkpoint_tensors(path), path)
+            load_parameters_state(self.stateful_cells(), load_checkpoint_tensors(path), path,
+                                  exclude=self.optimizer.parameters)
         except ValueError as err:
             raise TrainingError(str(err)) from None
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
