@@ -13,7 +13,6 @@ makes exactly the updates the uninterrupted one would have made.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import math
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..device import pynative as _pynative
 from .checkpoint import (
     load_checkpoint_tensors,
     load_parameters_state,
@@ -62,20 +62,6 @@ class PromptTable:
     t5: dict[str, np.ndarray] = field(default_factory=dict)
     pooled: dict[str, np.ndarray] = field(default_factory=dict)
     clip_ids: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def _pynative():
-    """Run op by op: MindSpore keeps a graph-compiled Cell's weights for the life of the process, so models
-    that are to be freed (the text encoders, the class-image pipeline) must not be compiled."""
-    import mindspore as ms
-
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        yield
-    finally:
-        ms.set_context(mode=mode)
 
 
 def _free_memory() -> None:
