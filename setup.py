@@ -20,10 +20,10 @@ setup(
         "protobuf",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "tensorboardX"],  # the TensorBoard logging tests
         # only to regenerate the PyTorch reference dumps (tests/parity/make_dumps.py) and run bench/
         "torch": ["torch==2.13.0", "diffusers==0.35.2", "peft", "sentencepiece", "protobuf", "prodigyopt"],
         "mindone": ["mindone==0.5.0"],
-        "tensorboard": ["tensorboardX"],
+        "tensorboard": ["tensorboardX"],  # train --report_to tensorboard: pure Python, needs protobuf and numpy
     },
 )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import mindspore as ms
 
@@ -71,3 +73,18 @@ def get_mode() -> str:
 def supports_half_precision_matmul() -> bool:
     """The CPU backend has no bf16/fp16 MatMul kernels, so half precision is GPU/Ascend only."""
     return get_device() != "CPU"
+
+
+@contextlib.contextmanager
+def pynative() -> Iterator[None]:
+    """Run the enclosed Cells op by op, then restore the mode. MindSpore (2.7) keeps the weights of a Cell
+    compiled in graph mode alive after the Cell is gone, so models that are to be released (text encoders,
+    a pipeline used once) must not be compiled."""
+    mode = ms.get_context("mode")
+    if mode != ms.PYNATIVE_MODE:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        if mode != ms.PYNATIVE_MODE:
+            ms.set_context(mode=mode)

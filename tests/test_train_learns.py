@@ -21,7 +21,7 @@ from mindflux.training import (
     freeze,
     get_scheduler,
 )
-from mindflux.training.data import DreamBoothImages
+from mindflux.training.dataset import DreamBoothDataset
 from tests.tiny_flux import POOLED_DIM, TEXT_LEN, make_images, make_model_folder
 
 STEPS, LEARNING_RATE, RANK, THRESHOLD = 48, 1e-2, 16, 0.9
@@ -38,7 +38,7 @@ def test_lora_training_lowers_the_loss(tmp_path, graph_mode):
     freeze(transformer, vae)
     transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
 
-    images = DreamBoothImages(str(make_images(tmp_path / "images", 4, 32)), 32, center_crop=True)
+    images = DreamBoothDataset(str(make_images(tmp_path / "images", 4, 32)), "a photo", 32, center_crop=True)
     pixels = ms.Tensor(np.stack([images.instance(i) for i in range(len(images))]))
     latents = normalize_latents(vae.encode(pixels).latent_dist.mode(), vae.config.scaling_factor,
                                 vae.config.shift_factor)

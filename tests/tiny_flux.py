@@ -23,8 +23,8 @@ TEXT_LEN = 7
 
 
 def make_model_folder(root: Path, seed: int = 0) -> Path:
-    """root/{transformer,vae,scheduler,text_encoder(_2),tokenizer(_2)}: a randomly initialised
-    transformer and the VAE, scheduler, text-encoder and tokenizer fixtures."""
+    """root/{transformer,vae,scheduler,text_encoder(_2),tokenizer(_2)} and model_index.json: a randomly
+    initialised transformer and the VAE, scheduler, text-encoder and tokenizer fixtures."""
     ms.set_seed(seed)
     FluxTransformer2DModel(**TRANSFORMER_CONFIG).save_pretrained(str(root / "transformer"))
     for name, source in (("vae", FIXTURES / "vae" / "tiny"), ("scheduler", FIXTURES / "scheduler" / "dev"),
@@ -33,6 +33,8 @@ def make_model_folder(root: Path, seed: int = 0) -> Path:
                          ("tokenizer", FIXTURES / "tokenizers" / "clip"),
                          ("tokenizer_2", FIXTURES / "tokenizers" / "t5")):
         shutil.copytree(source, root / name)
+    # the pipeline fixture's model_index.json: the same component classes, so FluxPipeline loads the folder
+    shutil.copy(FIXTURES / "pipeline" / "tiny_flux" / "model_index.json", root / "model_index.json")
     return root
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ..device import get_device
+from ..device import pynative as _pynative
 from ..latents import (
     calculate_shift,
     denormalize_latents,
@@ -64,20 +65,6 @@ def _as_tensor(value, name: str) -> Tensor:
     if isinstance(value, np.ndarray):
         return Tensor(value)
     raise TypeError(f"`{name}` must be a MindSpore Tensor or a numpy array; got {type(value).__name__}")
-
-
-@contextlib.contextmanager
-def _pynative():
-    """Run the enclosed Cells op by op. MindSpore (2.7) keeps the weights of a Cell compiled in graph
-    mode alive after the Cell is gone, so text encoders that are to be released must not be compiled."""
-    mode = ms.get_context("mode")
-    if mode != ms.PYNATIVE_MODE:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        yield
-    finally:
-        if mode != ms.PYNATIVE_MODE:
-            ms.set_context(mode=mode)
 
 
 def _compiled(model) -> bool:

@@ -1,4 +1,5 @@
-"""The DreamBooth LoRA training core: flow matching, optimizers, LR schedules, precision, the train step."""
+"""DreamBooth LoRA training: the core (flow matching, optimizers, LR schedules, precision, the train step) and
+the run around it (dataset, checkpoint, distributed, reporting, generation, model_card, dreambooth)."""
 
 from .flow_matching import (
     WEIGHTING_SCHEMES,
@@ -10,9 +11,10 @@ from .flow_matching import (
 from .lr_schedules import SCHEDULES, LRScheduler, get_scheduler
 from .optimizers import OPTIMIZERS, AdamW, AdamWeightDecay, create_optimizer
 from .precision import DynamicLossScale, create_loss_scaler, freeze, resolve_weight_dtype
-from .train_step import FluxFlowMatchingLoss, LoRATrainStep, StepOutput
+from .train_step import FluxFlowMatchingLoss, FluxTextEncoderLoss, LoRATrainStep, StepOutput
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "WEIGHTING_SCHEMES", "AdamW", "AdamWeightDecay", "DynamicLossScale",
-           "FlowMatchingSampler", "FluxFlowMatchingLoss", "LRScheduler", "LoRATrainStep", "StepOutput",
+           "FlowMatchingSampler", "FluxFlowMatchingLoss", "FluxTextEncoderLoss", "LRScheduler", "LoRATrainStep",
+           "StepOutput",
            "compute_density_for_timestep_sampling", "compute_loss_weighting_for_sd3", "create_loss_scaler",
            "create_optimizer", "flow_matching_loss", "freeze", "get_scheduler", "resolve_weight_dtype"]

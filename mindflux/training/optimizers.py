@@ -28,6 +28,20 @@ _adamw_update = ops.MultitypeFuncGraph("adamw_update")
                         "Tensor")
 def _adamw_one(beta1, beta2, eps, decay, step_size, bias_correction2_sqrt, param, exp_avg, exp_avg_sq, grad):
     """torch's single-tensor AdamW: decoupled decay, moment updates, bias-corrected step."""
+    return _adamw_math(beta1, beta2, eps, decay, step_size, bias_correction2_sqrt, param, exp_avg, exp_avg_sq, grad)
+
+
+@_adamw_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                        "Tensor", "Tensor", "Tensor")
+def _adamw_grouped(beta1, beta2, eps, lr, step_size, bias_correction2_sqrt, lr_scale, weight_decay, param, exp_avg,
+                   exp_avg_sq, grad):
+    """AdamW for a parameter of its own group: learning rate lr * lr_scale and its own weight decay."""
+    group_lr = lr * lr_scale
+    return _adamw_math(beta1, beta2, eps, 1 - group_lr * weight_decay, step_size * lr_scale, bias_correction2_sqrt,
+                       param, exp_avg, exp_avg_sq, grad)
+
+
+def _adamw_math(beta1, beta2, eps, decay, step_size, bias_correction2_sqrt, param, exp_avg, exp_avg_sq, grad):
     grad = grad.astype(param.dtype)
     new_param = param * decay
     new_avg = exp_avg + (grad - exp_avg) * (1 - beta1)  # torch's lerp_(grad, 1 - beta1)
@@ -44,13 +58,17 @@ class AdamW(nn.Cell):
     """torch.optim.AdamW (amsgrad=False, maximize=False), one parameter group.
 
     State per parameter: exp_avg and exp_avg_sq (fp32, like the LoRA parameters), plus one step
-    counter. The bias corrections 1 - beta^k are computed in fp32 in the graph.
+    counter. The bias corrections 1 - beta^k are computed in fp32 in the graph. `lr_scales` and
+    `weight_decays` (one per parameter) give parameters torch's per-group learning rate
+    (the scheduled lr times the scale) and weight decay, as diffusers' text-encoder group.
     """
 
     def __init__(self, params, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, lr_scales: list[float] | None = None,
+                 weight_decays: list[float] | None = None):
         super().__init__()
         self.parameters = ParameterTuple(params)
+        self.groups = _group_tensors(len(self.parameters), lr_scales, weight_decays, weight_decay)
         self.exp_avg = self.parameters.clone(prefix="exp_avg", init="zeros")
         self.exp_avg_sq = self.parameters.clone(prefix="exp_avg_sq", init="zeros")
         self.step = Parameter(Tensor(0, ms.int32), name="adamw_step", requires_grad=False)
@@ -67,10 +85,26 @@ class AdamW(nn.Cell):
         bias_correction1 = 1 - ops.pow(self.beta1, k)
         bias_correction2_sqrt = ops.sqrt(1 - ops.pow(self.beta2, k))
         step_size = lr / bias_correction1
+        if self.groups is not None:
+            return self.hyper_map(ops.partial(_adamw_update, self.beta1, self.beta2, self.eps, lr, step_size,
+                                              bias_correction2_sqrt), self.groups[0], self.groups[1],
+                                  self.parameters, self.exp_avg, self.exp_avg_sq, grads)
         decay = 1 - lr * self.weight_decay
         return self.hyper_map(ops.partial(_adamw_update, self.beta1, self.beta2, self.eps, decay, step_size,
                                           bias_correction2_sqrt), self.parameters, self.exp_avg, self.exp_avg_sq,
                               grads)
+
+
+def _group_tensors(count: int, lr_scales: list[float] | None, weight_decays: list[float] | None,
+                   weight_decay: float) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None:
+    """Per-parameter (lr scale, weight decay) tensors, or None when every parameter shares the defaults."""
+    if lr_scales is None and weight_decays is None:
+        return None
+    scales = list(lr_scales) if lr_scales is not None else [1.0] * count
+    decays = list(weight_decays) if weight_decays is not None else [weight_decay] * count
+    if len(scales) != count or len(decays) != count:
+        raise ValueError(f"lr_scales / weight_decays need one value per parameter ({count})")
+    return (tuple(Tensor(v, ms.float32) for v in scales), tuple(Tensor(v, ms.float32) for v in decays))
 
 
 class AdamWeightDecay(nn.Cell):
@@ -94,7 +128,7 @@ _prodigy_step = ops.MultitypeFuncGraph("prodigy_step")
 
 @_prodigy_moments.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
                            "Tensor", "Tensor", "Tensor", "Tensor")
-def _prodigy_moments_one(beta1, beta2, beta3, d, numerator_scale, s_scale, coupled_decay, param, grad, p0, s, exp_avg,
+def _prodigy_moments_one(beta1, beta2, beta3, d, numerator_scale, s_scale, param, coupled_decay, grad, p0, s, exp_avg,
                          exp_avg_sq):
     """Prodigy's first pass for one tensor: moments and s updated; returns (its d-numerator term, sum |s|)."""
     grad = grad.astype(param.dtype) + coupled_decay * param
@@ -109,7 +143,7 @@ def _prodigy_moments_one(beta1, beta2, beta3, d, numerator_scale, s_scale, coupl
 
 
 @_prodigy_step.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
-def _prodigy_step_one(dlr, d_eps, decoupled_decay, apply, param, exp_avg, exp_avg_sq):
+def _prodigy_step_one(dlr, d_eps, apply, decoupled_decay, param, exp_avg, exp_avg_sq):
     denom = ops.sqrt(exp_avg_sq) + d_eps
     new_param = param - decoupled_decay * dlr * param
     new_param = new_param - dlr * exp_avg / denom
@@ -132,11 +166,15 @@ class Prodigy(nn.Cell):
     def __init__(self, params, betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True,
                  use_bias_correction: bool = False, safeguard_warmup: bool = False, d0: float = 1e-6,
-                 d_coef: float = 1.0, growth_rate: float = float("inf")):
+                 d_coef: float = 1.0, growth_rate: float = float("inf"), weight_decays: list[float] | None = None):
         super().__init__()
         if betas[0] <= 0:
             raise ValueError("prodigy with beta1 = 0 is not supported")
         self.parameters = ParameterTuple(params)
+        # per-parameter weight decay (diffusers' text-encoder group); the step size d is shared, as in prodigyopt
+        decays = list(weight_decays) if weight_decays is not None else [weight_decay] * len(self.parameters)
+        if len(decays) != len(self.parameters):
+            raise ValueError(f"weight_decays needs one value per parameter ({len(self.parameters)})")
         self.p0 = self.parameters.clone(prefix="prodigy_p0", init="same")
         self.s = self.parameters.clone(prefix="prodigy_s", init="zeros")
         self.exp_avg = self.parameters.clone(prefix="exp_avg", init="zeros")
@@ -150,8 +188,8 @@ class Prodigy(nn.Cell):
         self.beta3 = f32(beta3 if beta3 is not None else betas[1] ** 0.5)
         self.eps, self.d0, self.d_coef = eps, d0, d_coef
         self.growth_rate = f32(growth_rate)
-        self.coupled_decay = f32(weight_decay if not decouple else 0.0)
-        self.decoupled_decay = f32(weight_decay if decouple else 0.0)
+        self.coupled_decay = tuple(f32(wd if not decouple else 0.0) for wd in decays)
+        self.decoupled_decay = tuple(f32(wd if decouple else 0.0) for wd in decays)
         self.use_bias_correction = use_bias_correction
         self.safeguard_warmup = safeguard_warmup
         self.hyper_map = ops.HyperMap()
@@ -166,7 +204,7 @@ class Prodigy(nn.Cell):
         numerator_scale = ops.select(lr > 0, (d / self.d0) * dlr, ops.zeros_like(dlr))
         s_scale = (d / self.d0) * (d if self.safeguard_warmup else dlr)
         terms = self.hyper_map(ops.partial(_prodigy_moments, self.beta1, self.beta2, self.beta3, d, numerator_scale,
-                                           s_scale, self.coupled_decay), self.parameters, grads, self.p0, self.s,
+                                           s_scale), self.parameters, self.coupled_decay, grads, self.p0, self.s,
                                self.exp_avg, self.exp_avg_sq)
         delta_numerator = ops.addn([t[0] for t in terms])
         d_denom = ops.addn([t[1] for t in terms])
@@ -181,23 +219,45 @@ class Prodigy(nn.Cell):
         ops.assign(self.d_max, ops.select(estimate, new_d_max, self.d_max))
         ops.assign(self.d_numerator, ops.select(apply, numerator, self.d_numerator))
         ops.assign(self.d, new_d)
-        self.hyper_map(ops.partial(_prodigy_step, dlr, new_d * self.eps, self.decoupled_decay, apply),
+        self.hyper_map(ops.partial(_prodigy_step, dlr, new_d * self.eps, apply), self.decoupled_decay,
                        self.parameters, self.exp_avg, self.exp_avg_sq)
         ops.assign(self.k, ops.select(apply, self.k + 1, self.k))
         return True
 
 
 def create_optimizer(name: str, params, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                     weight_decay: float = 1e-4, **prodigy_options) -> nn.Cell:
+                     weight_decay: float = 1e-4, param_groups: list[dict] | None = None, **prodigy_options) -> nn.Cell:
     """An optimizer by its --optimizer name (case-insensitive, as diffusers' script compares it).
-    `prodigy_options` (beta3, decouple, use_bias_correction, safeguard_warmup, ...) go to Prodigy."""
+    `prodigy_options` (beta3, decouple, use_bias_correction, safeguard_warmup, ...) go to Prodigy.
+
+    `param_groups`: torch-style groups instead of `params`, each {"params": [...], "lr_scale": s,
+    "weight_decay": wd}: the group's learning rate is the scheduled one times s (diffusers'
+    --text_encoder_lr group). Prodigy shares one learning rate (diffusers sets every group's to
+    --learning_rate), so only the weight decays may differ there.
+    """
     known = {n.lower(): cls for n, cls in (("AdamW", AdamW), ("AdamWeightDecay", AdamWeightDecay),
                                             ("prodigy", Prodigy))}
     if name.lower() not in known:
         raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+    group_options = {}
+    if param_groups is not None:
+        params, scales, decays = [], [], []
+        for group in param_groups:
+            members = list(group["params"])
+            params += members
+            scales += [float(group.get("lr_scale", 1.0))] * len(members)
+            decays += [float(group.get("weight_decay", weight_decay))] * len(members)
+        if name.lower() == "adamweightdecay":
+            raise ValueError("parameter groups (--train_text_encoder) need --optimizer AdamW or prodigy")
+        if name.lower() == "prodigy":
+            if any(s != 1.0 for s in scales):
+                raise ValueError("prodigy takes one learning rate for every parameter group")
+            group_options = {"weight_decays": decays}
+        else:
+            group_options = {"lr_scales": scales, "weight_decays": decays}
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters to optimize")
     if name.lower() == "prodigy":
-        return Prodigy(params, betas=betas, eps=eps, weight_decay=weight_decay, **prodigy_options)
-    return known[name.lower()](params, betas=betas, eps=eps, weight_decay=weight_decay)
+        return Prodigy(params, betas=betas, eps=eps, weight_decay=weight_decay, **prodigy_options, **group_options)
+    return known[name.lower()](params, betas=betas, eps=eps, weight_decay=weight_decay, **group_options)

@@ -61,6 +61,23 @@ class FluxFlowMatchingLoss(nn.Cell):
         return flow_matching_loss(model_pred, target, weighting, self.with_prior_preservation, self.prior_loss_weight)
 
 
+class FluxTextEncoderLoss(nn.Cell):
+    """The flow-matching loss with CLIP inside the graph (--train_text_encoder): the pooled projection
+    comes from CLIP token ids (B, 77), so gradients reach CLIP's LoRA layers. T5 stays frozen, so its
+    embeddings are inputs, as with FluxFlowMatchingLoss."""
+
+    def __init__(self, loss_net: FluxFlowMatchingLoss, text_encoder: nn.Cell):
+        super().__init__()
+        self.loss_net = loss_net
+        self.text_encoder = text_encoder
+
+    def construct(self, model_input, noise, sigmas, timesteps, encoder_hidden_states, clip_input_ids, img_ids,
+                  txt_ids, guidance=None):
+        pooled = self.text_encoder(clip_input_ids, return_dict=False)[1]
+        return self.loss_net(model_input, noise, sigmas, timesteps, encoder_hidden_states,
+                             pooled.astype(model_input.dtype), img_ids, txt_ids, guidance)
+
+
 class _ScaledLoss(nn.Cell):
     """(loss * sens, loss): the backward pass starts from the scaled loss, the plain one is reported."""
 
@@ -91,7 +108,7 @@ def clip_grad_norm(grads, max_norm: float | None):
 
 class _StepBase(nn.Cell):
     def __init__(self, loss_net: nn.Cell, weights: ParameterTuple, accumulators: ParameterTuple | None,
-                 gradient_accumulation_steps: int, loss_scaler: DynamicLossScale | None):
+                 gradient_accumulation_steps: int, loss_scaler: DynamicLossScale | None, world_size: int = 1):
         super().__init__()
         self.scaled_loss = _ScaledLoss(loss_net)
         self.weights = weights
@@ -100,14 +117,29 @@ class _StepBase(nn.Cell):
         self.loss_scaler = loss_scaler
         self.grad_fn = ops.value_and_grad(self.scaled_loss, None, self.weights, has_aux=True)
         self.hyper_map = ops.HyperMap()
+        self.world_size = world_size
+        self.all_reduce = ops.AllReduce() if world_size > 1 else None
 
     def forward_backward(self, inputs):
-        """loss, grads of loss * loss_scale / accumulation_steps (what torch's backward leaves in .grad)."""
+        """loss, grads of loss * loss_scale / accumulation_steps (what torch's backward leaves in .grad).
+        Under data parallelism the returned loss is the mean over the processes (the gradients are
+        averaged once per update, in UpdateStep)."""
         sens = ops.ones((), ms.float32) / self.accumulation_steps
         if self.loss_scaler is not None:
             sens = sens * self.loss_scaler.scale
         (_, loss), grads = self.grad_fn(sens, *inputs)
+        if self.all_reduce is not None:
+            loss = (self.all_reduce(loss.reshape(1)) / self.world_size).reshape(())  # 0-d AllReduce is not portable
         return loss, grads
+
+    def average_over_processes(self, grads):
+        """Data parallelism: the mean of every process's (accumulated) gradients. Once per update, after
+        accumulation: the sum is linear, so this equals averaging every micro-batch, with 1/N the traffic.
+        Each process's loss is the mean over its equal share of the global batch, so the average is the
+        gradient of the global batch's mean loss, as one process with the whole batch computes it."""
+        if self.all_reduce is None:
+            return grads
+        return tuple(self.all_reduce(g) / self.world_size for g in grads)
 
 
 class AccumulateStep(_StepBase):
@@ -123,8 +155,8 @@ class UpdateStep(_StepBase):
     """The micro-batch that completes an update: forward, backward, (+ accumulated), unscale, clip, optimizer."""
 
     def __init__(self, loss_net, weights, accumulators, gradient_accumulation_steps, loss_scaler, optimizer,
-                 max_grad_norm: float | None):
-        super().__init__(loss_net, weights, accumulators, gradient_accumulation_steps, loss_scaler)
+                 max_grad_norm: float | None, world_size: int = 1):
+        super().__init__(loss_net, weights, accumulators, gradient_accumulation_steps, loss_scaler, world_size)
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
 
@@ -133,6 +165,7 @@ class UpdateStep(_StepBase):
         if self.accumulators is not None:
             grads = self.hyper_map(ops.add, grads, self.accumulators)
             self.hyper_map(ops.assign, self.accumulators, self.hyper_map(ops.zeros_like, self.accumulators))
+        grads = self.average_over_processes(grads)
         if self.loss_scaler is not None:
             inverse = 1.0 / self.loss_scaler.scale
             grads = self.hyper_map(ops.partial(ops.mul, inverse), grads)
@@ -165,7 +198,7 @@ class LoRATrainStep:
 
     def __init__(self, loss_net: nn.Cell, optimizer: nn.Cell, lr_scheduler: LRScheduler,
                  max_grad_norm: float | None = 1.0, gradient_accumulation_steps: int = 1,
-                 loss_scaler: DynamicLossScale | None = None):
+                 loss_scaler: DynamicLossScale | None = None, world_size: int = 1):
         if gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1; got {gradient_accumulation_steps}")
         weights = optimizer.parameters
@@ -173,9 +206,9 @@ class LoRATrainStep:
         if gradient_accumulation_steps > 1:
             accumulators = weights.clone(prefix="grad_accum", init="zeros")
         self.update_step = UpdateStep(loss_net, weights, accumulators, gradient_accumulation_steps, loss_scaler,
-                                      optimizer, max_grad_norm)
+                                      optimizer, max_grad_norm, world_size)
         self.accumulate_step = (AccumulateStep(loss_net, weights, accumulators, gradient_accumulation_steps,
-                                               loss_scaler) if accumulators is not None else None)
+                                               loss_scaler, world_size) if accumulators is not None else None)
         for cell in (self.update_step, self.accumulate_step):
             if cell is not None:
                 cell.set_train(True)
