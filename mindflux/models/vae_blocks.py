@@ -59,17 +59,18 @@ class ResnetBlock2D(nn.Cell):
 
 
 class Downsample2D(nn.Cell):
-    """Stride-2 3x3 conv. With padding 0 (the encoder's setting) the input is first padded by one
-    pixel on the right and bottom only, so odd and even sizes both halve as in diffusers."""
+    """Stride-2 3x3 conv. With padding 0 (the encoder's setting) diffusers pads one pixel on the right
+    and bottom only, so odd and even sizes both halve; here the conv pads asymmetrically itself.
+    (A separate ops.pad before the conv gives the same numbers, but its backward after another conv
+    hangs MindSpore 2.7.1's CPU graph runtime on the 17th call.)"""
 
     def __init__(self, channels: int, out_channels: int | None = None, padding: int = 1):
         super().__init__()
-        self.padding = padding
-        self.conv = conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
+        pads = (0, 1, 0, 1) if padding == 0 else padding  # (top, bottom, left, right)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, pad_mode="pad", padding=pads,
+                              has_bias=True)
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.padding == 0:
-            x = ops.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
