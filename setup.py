@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9,<3.12",
     packages=find_packages(include=["mindflux", "mindflux.*"]),
+    # the demo pipeline (trained by train/train_demo_model.py) and the DreamBooth demo's instance images
+    package_data={"mindflux.demo": ["flux-shapes/*.json", "flux-shapes/*/*", "ring/*.png"]},
     install_requires=[
         "mindspore>=2.7.1",
         "numpy>=1.20,<2",  # numpy 2 breaks MindSpore 2.7

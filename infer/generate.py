@@ -1,9 +1,13 @@
 """Text to image with FLUX.1 on MindSpore: a command line over mindflux.FluxPipeline.
 
+    python infer/generate.py                              # the demo model shipped in the repo
+    python infer/generate.py --prompt "a blue triangle on a black background"
     python infer/generate.py --model FLUX.1-schnell --prompt "a red circle on a white background"
     python infer/generate.py --model FLUX.1-dev --prompt_file prompts.txt --num_images 4 --seed 7 \\
         --lora style.safetensors:0.8 --dtype bf16 --device ascend --output_dir outputs
 
+Without --model the tiny demo pipeline in mindflux/demo/flux-shapes draws (64x64 shapes; see
+docs/demo.md), with the prompt "a red circle on a white background" unless one is given.
 --model is a local pipeline folder as diffusers' save_pretrained writes it (model_index.json and
 transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), e.g. one
 downloaded with `huggingface-cli download black-forest-labs/FLUX.1-schnell --local-dir FLUX.1-schnell`.
@@ -48,7 +52,8 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="pipeline folder with model_index.json (FLUX.1-dev or schnell, diffusers layout)")
+    p.add_argument("--model", help="pipeline folder with model_index.json (FLUX.1-dev or schnell, diffusers layout); "
+                                   "default: the demo model in mindflux/demo/flux-shapes")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--negative_prompt", help="used with --true_cfg_scale > 1 (true classifier-free guidance)")
@@ -94,6 +99,10 @@ def read_prompts(args) -> list[str]:
         except OSError as err:
             raise CLIError(f"cannot read --prompt_file {args.prompt_file}: {err.strerror or err}") from None
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts and getattr(args, "demo", False):
+        from mindflux.demo.model import DEMO_PROMPT
+
+        prompts = [DEMO_PROMPT]
     if not prompts:
         raise CLIError("no prompt: give --prompt TEXT (repeatable) or --prompt_file FILE")
     return prompts
@@ -101,9 +110,15 @@ def read_prompts(args) -> list[str]:
 
 def check_args(args) -> list[tuple[str, float]]:
     """Problems that need no model: found before anything slow starts."""
-    if not args.model:
-        raise CLIError("--model is required: a FLUX.1 pipeline folder with model_index.json, e.g. "
-                       "`huggingface-cli download black-forest-labs/FLUX.1-schnell --local-dir FLUX.1-schnell`")
+    args.demo = not args.model
+    if args.demo:
+        from mindflux.demo.model import DEMO_MODEL_DIR
+
+        if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+            raise CLIError(f"no --model and no demo model in {DEMO_MODEL_DIR} (train it: python "
+                           "train/train_demo_model.py); give a FLUX.1 pipeline folder, e.g. `huggingface-cli "
+                           "download black-forest-labs/FLUX.1-schnell --local-dir FLUX.1-schnell`")
+        args.model = str(DEMO_MODEL_DIR)
     if not os.path.isdir(args.model):
         raise CLIError(f"--model {args.model} is not a folder")
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):

@@ -48,7 +48,7 @@ def test_writes_pngs_named_by_index_and_seed_with_metadata(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prompt", "x"], "--model is required"),
+    (["--model", str(MODEL / "vae"), "--prompt", "x"], "has no model_index.json"),
     (["--model", "/no/such/folder", "--prompt", "x"], "is not a folder"),
     (BASE, "no prompt"),
     (BASE + ["--prompt", "x", "--dtype", "bf16"], "needs an Ascend or GPU device"),

@@ -28,6 +28,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUNDS = ("white", "black", "gray")
 BACKGROUND_RGB = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
+# Never in the pretraining data: the concept the DreamBooth demo teaches (mindflux/demo/ring).
+NOVEL_SHAPE = "ring"
+RING_INNER = 0.5  # inner / outer diameter
 # fill ratio of the bounding box, used to tell shapes apart
 _FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
 
@@ -63,6 +66,10 @@ def render(spec: ShapeSpec, image_size: int = 64) -> Image.Image:
         draw.rectangle(box, fill=colour)
     elif spec.shape == "triangle":
         draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour)
+    elif spec.shape == NOVEL_SHAPE:
+        draw.ellipse(box, fill=colour)
+        inner = half * RING_INNER
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=_rgb(spec.background))
     else:
         raise ValueError(f"unknown shape {spec.shape!r}; known: {', '.join(SHAPES)}")
     return image.resize((image_size, image_size), Image.LANCZOS)
@@ -70,6 +77,13 @@ def render(spec: ShapeSpec, image_size: int = 64) -> Image.Image:
 
 def _rgb(name: str) -> tuple[int, int, int]:
     return BACKGROUND_RGB.get(name) or COLOURS[name]
+
+
+def random_placement(rng: np.random.Generator) -> tuple[float, float, float]:
+    """(size, cx, cy): 45-65% of the side, centred within +-12% of the middle (always fully inside)."""
+    size = float(rng.uniform(0.45, 0.65))
+    cx, cy = (float(0.5 + rng.uniform(-0.12, 0.12)) for _ in range(2))
+    return size, cx, cy
 
 
 def sample_specs(count: int, seed: int, shapes=SHAPES, colours=None) -> list[ShapeSpec]:
@@ -82,8 +96,7 @@ def sample_specs(count: int, seed: int, shapes=SHAPES, colours=None) -> list[Sha
         colour = colours[rng.integers(len(colours))]
         if colour == background:
             continue
-        size = float(rng.uniform(0.35, 0.65))
-        cx, cy = (float(rng.uniform(size / 2 + 0.05, 1 - size / 2 - 0.05)) for _ in range(2))
+        size, cx, cy = random_placement(rng)
         specs.append(ShapeSpec(shapes[rng.integers(len(shapes))], colour, background, cx, cy, size))
     return specs
 
@@ -113,6 +126,23 @@ def classify(image: Image.Image | np.ndarray) -> Reading:
     fill = float(mask.sum() / box)
     shape = min(_FILL, key=lambda s: abs(_FILL[s] - fill))
     return Reading(shape, colour, background, fill, area)
+
+
+def hole_ratio(image: Image.Image | np.ndarray) -> float:
+    """How much of the middle of the drawn shape is background: ~1 for a ring, ~0 for a filled circle,
+    square or triangle. Measured in a disc of 0.2x the shape's bounding box around the box centre, so
+    it does not depend on where the shape is or how big it is."""
+    pixels = np.asarray(image, dtype=np.float32)[..., :3]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    mask = np.abs(pixels - np.median(border, axis=0)).max(-1) > 60
+    if mask.mean() < 0.01:
+        return 0.0
+    rows, cols = np.nonzero(mask)
+    cy, cx = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+    radius = 0.2 * max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+    y, x = np.mgrid[:mask.shape[0], :mask.shape[1]]
+    middle = (y - cy) ** 2 + (x - cx) ** 2 <= radius**2
+    return float(1.0 - mask[middle].mean())
 
 
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
