@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -77,8 +78,8 @@ def fit(loss_net, params, learning_rate: float, steps: int, make_inputs, desc: s
     progress = tqdm(range(steps), desc=desc)
     for _ in progress:
         out = step(*make_inputs())
-        if out.loss != out.loss:
-            raise FloatingPointError(f"{desc}: the loss became NaN at step {step.global_step}")
+        if not math.isfinite(out.loss):
+            raise FloatingPointError(f"{desc}: the loss became {out.loss} at step {step.global_step}")
         losses.append(out.loss)
         progress.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     return losses
@@ -89,13 +90,13 @@ def train_vae(args, pixels, rng, folder: Path):
     import numpy as np
 
     from mindflux import AutoencoderKL
-    from mindflux.demo.model import VAE_CONFIG
-    from mindflux.latents import standard_normal
+    from mindflux.demo.model import IMAGE_SIZE, VAE_CONFIG
+    from mindflux.latents import latent_size, standard_normal
     from mindflux.training.vae import VAEReconstructionLoss
 
     vae = AutoencoderKL.from_config(VAE_CONFIG)
-    latent = VAE_CONFIG["sample_size"] // 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)
-    shape = (args.vae_batch_size, VAE_CONFIG["latent_channels"], latent, latent)
+    latent = latent_size(IMAGE_SIZE, IMAGE_SIZE, 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1))
+    shape = (args.vae_batch_size, VAE_CONFIG["latent_channels"], *latent)
 
     def batch():
         index = rng.integers(0, len(pixels), args.vae_batch_size)

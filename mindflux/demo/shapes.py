@@ -110,13 +110,19 @@ class Reading:
     area: float  # shape pixels / all pixels
 
 
-def classify(image: Image.Image | np.ndarray) -> Reading:
-    """Read shape, colour and background back from an image (see the module docstring)."""
+def _shape_mask(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixels, background RGB, shape mask): the background is the median border colour, the shape
+    every pixel that differs from it by more than 60 in some channel."""
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background_rgb = np.median(border, axis=0)
+    return pixels, background_rgb, np.abs(pixels - background_rgb).max(-1) > 60
+
+
+def classify(image: Image.Image | np.ndarray) -> Reading:
+    """Read shape, colour and background back from an image (see the module docstring)."""
+    pixels, background_rgb, mask = _shape_mask(image)
     background = _nearest(background_rgb, {**BACKGROUND_RGB, **COLOURS})
-    mask = np.abs(pixels - background_rgb).max(-1) > 60
     area = float(mask.mean())
     if area < 0.01:
         return Reading("none", "none", background, 0.0, area)
@@ -132,9 +138,7 @@ def hole_ratio(image: Image.Image | np.ndarray) -> float:
     """How much of the middle of the drawn shape is background: ~1 for a ring, ~0 for a filled circle,
     square or triangle. Measured in a disc of 0.2x the shape's bounding box around the box centre, so
     it does not depend on where the shape is or how big it is."""
-    pixels = np.asarray(image, dtype=np.float32)[..., :3]
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    mask = np.abs(pixels - np.median(border, axis=0)).max(-1) > 60
+    _, _, mask = _shape_mask(image)
     if mask.mean() < 0.01:
         return 0.0
     rows, cols = np.nonzero(mask)

@@ -25,8 +25,10 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     return _ACTIVATIONS[name]
 
 
-def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
-    """torch.nn.Conv2d's layout: `weight` (out, in, k, k) and `bias`, explicit zero padding."""
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+           padding: int | tuple[int, int, int, int] = 0) -> nn.Conv2d:
+    """torch.nn.Conv2d's layout: `weight` (out, in, k, k) and `bias`, explicit zero padding (one int, or
+    (top, bottom, left, right))."""
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad", padding=padding,
                      has_bias=True)
 
@@ -67,8 +69,7 @@ class Downsample2D(nn.Cell):
     def __init__(self, channels: int, out_channels: int | None = None, padding: int = 1):
         super().__init__()
         pads = (0, 1, 0, 1) if padding == 0 else padding  # (top, bottom, left, right)
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, pad_mode="pad", padding=pads,
-                              has_bias=True)
+        self.conv = conv2d(channels, out_channels or channels, 3, stride=2, padding=pads)
 
     def construct(self, x: Tensor) -> Tensor:
         return self.conv(x)
