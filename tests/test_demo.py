@@ -42,9 +42,9 @@ def test_the_demo_model_draws_what_the_prompt_asks(pipe):
     cases = eval_cases()
     readings = evaluate(pipe, cases)
     correct = [drawn_as_asked(r, c.spec) for r, c in zip(readings, cases)]
-    # measured 43/48 (89.6%) for the shipped model; the goal of 90% is not reached yet
+    # measured 46/48 (95.8%) for the shipped model; the goal is 90%
     print(f"drawn as asked: {sum(correct)}/{len(cases)}")
-    assert np.mean(correct) >= 0.85, [(c.prompt, r) for c, r, ok in zip(cases, readings, correct) if not ok]
+    assert np.mean(correct) >= 0.9, [(c.prompt, r) for c, r, ok in zip(cases, readings, correct) if not ok]
 
 
 def test_generate_without_arguments_uses_the_demo_model(tmp_path, graph_mode):
@@ -86,13 +86,13 @@ def test_dreambooth_demo_teaches_the_ring(pipe, tmp_path, graph_mode):
     # the command of docs/demo.md
     assert script.cli(["--pretrained_model_name_or_path", str(DEMO_MODEL_DIR), "--instance_data_dir",
                        str(INSTANCE_DIR), "--instance_prompt", INSTANCE_PROMPT, "--resolution", "64",
-                       "--train_batch_size", "2", "--learning_rate", "3e-3", "--max_train_steps", "300", "--rank", "8",
-                       "--seed", "0", "--output_dir", str(out), "--report_to", "none"]) == 0
+                       "--train_batch_size", "2", "--learning_rate", "3e-3", "--max_train_steps", "600", "--rank", "8",
+                       "--lora_alpha", "8", "--seed", "0", "--output_dir", str(out), "--report_to", "none"]) == 0
     pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
     try:
         after = holes()
     finally:
         pipe.unload_lora_weights()
     print(f"hole ratio before {np.round(before, 2)}, after {np.round(after, 2)}")
-    # measured on the CPU: before 0.0 for all 8 seeds, after 0.078 on average (0 to 0.19)
-    assert np.mean(before) < 0.02 and np.mean(after) - np.mean(before) > 0.05, (before, after)
+    # measured on the CPU: before 0.0 for all 8 seeds, after 0.34 on average (0.05 to 0.92 per seed)
+    assert np.mean(before) < 0.02 and np.mean(after) - np.mean(before) > 0.15, (before, after)
