@@ -1,6 +1,6 @@
 """Time one LoRA train step: mindflux (graph, PyNative, graph + recompute) vs diffusers + peft on PyTorch.
 
-    python bench/bench_train_step.py [--repeat 5]
+    python bench/bench_train_step.py [--repeat 10]
 
 Needs the torch extra (`pip install -e .[torch]`). The step is diffusers' DreamBooth LoRA step:
 noisy input, transformer forward, flow-matching loss, backward for the LoRA parameters, clip by
@@ -17,7 +17,7 @@ import argparse
 import sys
 import tempfile
 
-from common import BENCH_CONFIG, IMAGE_GRID, TEXT_LEN, emit, peak_rss_mb, run_child, time_calls
+from common import BENCH_CONFIG, IMAGE_GRID, TEXT_LEN, WARMUP, emit, peak_rss_mb, run_child, time_calls
 
 RANK = 16
 TARGETS = (r".*(attn\.(to_k|to_q|to_v|to_out\.0|add_k_proj|add_q_proj|add_v_proj|to_add_out)|ff\.net\.0\.proj|"
@@ -89,7 +89,7 @@ def child_torch(folder: str, repeat: int, checkpointing: bool) -> dict:
         optimizer.zero_grad()
         return loss.item()
 
-    return {"step": time_calls(step, 2, repeat), "peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded_rss,
+    return {"step": time_calls(step, WARMUP, repeat), "peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded_rss,
             "lora_params": sum(p.numel() for p in params)}
 
 
@@ -115,7 +115,7 @@ def child_mindflux(folder: str, repeat: int, mode: str, recompute: bool) -> dict
              "txt_ids", "guidance")
     args = [ms.Tensor(x[k]) for k in order]
     loaded_rss = peak_rss_mb()
-    return {"step": time_calls(lambda: step(*args).loss, 2, repeat), "peak_rss_mb": peak_rss_mb(),
+    return {"step": time_calls(lambda: step(*args).loss, WARMUP, repeat), "peak_rss_mb": peak_rss_mb(),
             "loaded_rss_mb": loaded_rss, "lora_params": sum(int(p.size) for p in model.lora_parameters())}
 
 
@@ -127,7 +127,7 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:

@@ -1,6 +1,6 @@
 """Time FluxTransformer2DModel forward and forward+backward: mindflux (graph, PyNative) vs diffusers.
 
-    python bench/bench_transformer.py [--repeat 5]
+    python bench/bench_transformer.py [--repeat 10]
 
 Needs the torch extra (`pip install -e .[torch]`). Both frameworks get the same weights and
 inputs, each runs in its own process, and the ratios printed are mindflux time / PyTorch time
@@ -13,7 +13,7 @@ import argparse
 import sys
 import tempfile
 
-from common import BENCH_CONFIG, IMAGE_GRID, TEXT_LEN, emit, peak_rss_mb, run_child, time_calls
+from common import BENCH_CONFIG, IMAGE_GRID, TEXT_LEN, WARMUP, emit, peak_rss_mb, run_child, time_calls
 
 
 def make_weights(folder: str) -> None:
@@ -58,8 +58,8 @@ def child_torch(folder: str, repeat: int) -> dict:
         model.zero_grad(set_to_none=True)
         model(**inputs).sample.square().mean().backward()
 
-    return {"forward": time_calls(forward, 2, repeat), "forward_backward": time_calls(forward_backward, 2, repeat),
-            "peak_rss_mb": peak_rss_mb()}
+    return {"forward": time_calls(forward, WARMUP, repeat),
+            "forward_backward": time_calls(forward_backward, WARMUP, repeat), "peak_rss_mb": peak_rss_mb()}
 
 
 def child_mindflux(folder: str, repeat: int, mode: str) -> dict:
@@ -96,14 +96,14 @@ def child_mindflux(folder: str, repeat: int, mode: str) -> dict:
     grad_fn = LossAndGrads()
     args = [inputs[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids",
                                 "txt_ids", "guidance")]
-    return {"forward": time_calls(lambda: model(*args).sample.asnumpy(), 2, repeat),
-            "forward_backward": time_calls(lambda: grad_fn(*args)[0].asnumpy(), 2, repeat),
+    return {"forward": time_calls(lambda: model(*args).sample.asnumpy(), WARMUP, repeat),
+            "forward_backward": time_calls(lambda: grad_fn(*args)[0].asnumpy(), WARMUP, repeat),
             "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:

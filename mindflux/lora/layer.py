@@ -246,6 +246,7 @@ class LoraLinear(nn.Dense):
     def construct(self, x: Tensor) -> Tensor:
         out = super().construct(x)
         for name in self.active_adapters:
-            delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
-            out = out + (delta * self.lora_scaling[self.adapter_index[name]]).astype(out.dtype)
+            # scale the rank-r activations rather than the output: r / out_features times fewer multiplies
+            hidden = self.lora_A[name](self.lora_dropout[name](x)) * self.lora_scaling[self.adapter_index[name]]
+            out = out + self.lora_B[name](hidden).astype(out.dtype)
         return out
