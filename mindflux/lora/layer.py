@@ -246,7 +246,8 @@ class LoraLinear(nn.Dense):
     def construct(self, x: Tensor) -> Tensor:
         out = super().construct(x)
         for name in self.active_adapters:
-            # scale the rank-r activations rather than the output: r / out_features times fewer multiplies
-            hidden = self.lora_A[name](self.lora_dropout[name](x)) * self.lora_scaling[self.adapter_index[name]]
-            out = out + self.lora_B[name](hidden).astype(out.dtype)
+            # Scaling the rank-r activations instead is ~3% faster on the CPU, but MindSpore 2.7.1's graph mode
+            # reports a graph cycle for it under recompute (tests/test_train_step_parity.py).
+            delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
+            out = out + (delta * self.lora_scaling[self.adapter_index[name]]).astype(out.dtype)
         return out
