@@ -6,7 +6,8 @@ Needs the torch extra. The transformer's forward is about 70% matmuls on the CPU
 printed here bounds what graph-level work in mindflux can reach in bench_transformer.py and
 bench_train_step.py. Each framework runs in its own process. MindSpore computes x W^T as
 nn.Dense does (MatMul with transpose_b, the diffusers weight layout); the "plain" column is the
-same product with W stored transposed, which a diffusers-named parameter cannot be.
+same product with W stored transposed, which a diffusers-named parameter cannot be; "w.T" transposes
+W inside the graph, once per CALLS products.
 """
 
 from __future__ import annotations
