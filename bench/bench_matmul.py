@@ -12,10 +12,9 @@ W inside the graph, once per CALLS products.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import WARMUP, emit, run_child, time_calls
+from common import WARMUP, bench_parser, emit, run_child, time_calls
 
 TOKENS = 1152  # 1024 image + 128 text
 # (in, out) of the transformer's linear layers at dim 512: q/k/v/out, MLP up, MLP down, single-block proj_out
@@ -75,9 +74,7 @@ def child_mindspore(repeat: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     if args.child is not None:
         framework, repeat = args.child[0], int(args.child[1])

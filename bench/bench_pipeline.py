@@ -11,10 +11,9 @@ Ratios are mindflux time / PyTorch time (below 1.0: mindflux is faster).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import ROOT, emit, peak_rss_mb, run_child, time_calls
+from common import ROOT, bench_parser, emit, peak_rss_mb, run_child, time_calls
 
 FOLDER = ROOT / "tests" / "fixtures" / "pipeline" / "tiny_flux"
 PROMPT = "a small red circle in the top left corner of a white background"
@@ -60,12 +59,10 @@ def child(framework: str, height: int, width: int, steps: int, repeat: int) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, repeat=3)
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the per-step time is a difference)")

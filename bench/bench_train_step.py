@@ -13,11 +13,10 @@ column is the process's peak RSS and its growth over the model loading.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 
-from common import BENCH_CONFIG, IMAGE_GRID, TEXT_LEN, WARMUP, emit, peak_rss_mb, run_child, time_calls
+from common import BENCH_CONFIG, IMAGE_GRID, TEXT_LEN, WARMUP, bench_parser, emit, peak_rss_mb, run_child, time_calls
 
 RANK = 16
 TARGETS = (r".*(attn\.(to_k|to_q|to_v|to_out\.0|add_k_proj|add_q_proj|add_v_proj|to_add_out)|ff\.net\.0\.proj|"
@@ -126,9 +125,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     if args.child is not None:
         name, folder, repeat = args.child[0], args.child[1], int(args.child[2])

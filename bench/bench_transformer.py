@@ -9,11 +9,10 @@ inputs, each runs in its own process, and the ratios printed are mindflux time /
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 
-from common import BENCH_CONFIG, IMAGE_GRID, TEXT_LEN, WARMUP, emit, peak_rss_mb, run_child, time_calls
+from common import BENCH_CONFIG, IMAGE_GRID, TEXT_LEN, WARMUP, bench_parser, emit, peak_rss_mb, run_child, time_calls
 
 
 def make_weights(folder: str) -> None:
@@ -102,9 +101,7 @@ def child_mindflux(folder: str, repeat: int, mode: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     if args.child is not None:
         framework, folder, repeat = args.child[0], args.child[1], int(args.child[2])

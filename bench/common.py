@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -21,6 +22,14 @@ TEXT_LEN = 128
 # Untimed calls before timing, for every framework alike: MindSpore's graph-mode steps ran about 1.25x
 # slower for the first four or so calls after compiling, then settled (measured on the bench config).
 WARMUP = 5
+
+
+def bench_parser(doc: str, repeat: int = 10) -> argparse.ArgumentParser:
+    """The arguments every bench takes: --repeat, and the hidden --child that times one framework."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    return parser
 
 
 def time_calls(fn: Callable[[], object], warmup: int, repeat: int) -> dict:
