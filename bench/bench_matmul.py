@@ -67,9 +67,8 @@ def child_mindspore(repeat: int) -> dict:
         variants = (("", Chain(True), w), ("plain ", Chain(False), np.ascontiguousarray(w.T)),
                     ("w.T ", Chain(False, True), w))
         for name, chain, weight in variants:
-            weight = ms.Tensor(weight)
-            out[f"{name}{k}x{n}"] = time_calls(lambda c=chain, xs=xs, w=weight: c(xs, w)[-1].asnumpy(), WARMUP, repeat)[
-                "median_s"] / CALLS
+            call = lambda c=chain, xs=xs, w=ms.Tensor(weight): c(xs, w)[-1].asnumpy()  # noqa: E731
+            out[f"{name}{k}x{n}"] = time_calls(call, WARMUP, repeat)["median_s"] / CALLS
     return out
 
 

@@ -247,7 +247,7 @@ class LoraLinear(nn.Dense):
         out = super().construct(x)
         for name in self.active_adapters:
             # Scaling the rank-r activations instead is ~3% faster on the CPU, but MindSpore 2.7.1's graph mode
-            # reports a graph cycle for it under recompute (tests/test_train_step_parity.py).
+            # reports a graph cycle for it under recompute (test_graph_mode_step_matches).
             delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
             out = out + (delta * self.lora_scaling[self.adapter_index[name]]).astype(out.dtype)
         return out
