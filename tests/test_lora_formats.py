@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mindflux import FluxTransformer2DModel
+from mindflux.key_conversion import SWAPPED_HALVES, bfl_module_of, bfl_module_targets
 from mindflux.lora import (
     FluxLoraLoaderMixin,
     LoraConfig,
@@ -25,7 +26,6 @@ from mindflux.lora import (
     save_kohya_lora,
 )
 from mindflux.lora.loader import adapter_lora_weights, layouts_of, read_lora
-from mindflux.models.single_file import SWAPPED_HALVES, bfl_module_of, bfl_module_targets
 from mindflux.safetensors_io import SafetensorsFile, load_file, save_file
 from tests.lora_utils import BASE, LORA, StandInPipeline
 

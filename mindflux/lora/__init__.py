@@ -1,5 +1,7 @@
 """LoRA for mindflux: adapters (PEFT semantics), file formats, and diffusers' pipeline-level loader API."""
 
+from ..adapters.layer import LoraConfig, LoraLinear
+from ..adapters.peft_mixin import PeftAdapterMixin
 from .formats import (
            FORMATS,
            ConvertedLora,
@@ -10,9 +12,7 @@ from .formats import (
            detect_format,
 )
 from .kohya import convert_to_kohya, save_kohya_lora
-from .layer import LoraConfig, LoraLinear
 from .loader import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE, read_lora
-from .peft_mixin import PeftAdapterMixin
 from .pipeline_mixin import FluxLoraLoaderMixin, LoraKeyError, get_peft_model_state_dict
 
 __all__ = ["FORMATS", "LORA_ADAPTER_METADATA_KEY", "LORA_WEIGHT_NAME_SAFE", "ConvertedLora", "FluxLoraLoaderMixin",

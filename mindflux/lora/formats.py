@@ -13,7 +13,7 @@ Accepted formats (`FORMATS`), each key ending in the LoRA down (A) / up (B) matr
     xlabs      double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight,
                single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight (XLabs-AI)
 
-BFL module names map to diffusers modules through `mindflux.models.single_file`'s table. A fused
+BFL module names map to diffusers modules through `mindflux.key_conversion`'s table. A fused
 BFL module (img_attn.qkv -> to_q/to_k/to_v; single-block linear1 -> to_q/to_k/to_v/proj_mlp) has
 one down matrix and one up matrix: every target gets the whole down matrix and its rows of the up
 matrix. When the targets use disjoint columns of the up matrix (a block-diagonal export of separate
@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..models.single_file import (
+from ..key_conversion import (
     SWAPPED_HALVES,
     bfl_module_from_kohya,
     bfl_module_targets,
+    clip_module_from_kohya,
     split_rows,
     strip_bfl_prefix,
     swap_halves,
@@ -104,7 +105,6 @@ _COMFY_CLIP = "text_encoders.clip_l.transformer."
 _XLABS_MODULES = {"qkv_lora1": ("img_attn.qkv", None), "qkv_lora2": ("txt_attn.qkv", None),
                   "proj_lora1": ("img_attn.proj", None), "proj_lora2": ("txt_attn.proj", None),
                   "qkv_lora": ("linear1", 3), "proj_lora": ("linear2", None)}
-_CLIP_KOHYA = re.compile(r"^text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12])$")
 
 
 @dataclass(frozen=True)
@@ -187,12 +187,7 @@ def _te_module(name: str, layout: dict[str, tuple[int, int]] | None) -> str | No
     """kohya's underscored CLIP module name back to the dotted one."""
     if layout is not None:
         return {m.replace(".", "_"): m for m in layout}.get(name)
-    m = _CLIP_KOHYA.match(name)
-    if m is None:
-        return None
-    index, rest = m.groups()
-    rest = rest.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
-    return f"text_model.encoder.layers.{index}.{rest}"
+    return clip_module_from_kohya(name)
 
 
 def convert_to_diffusers(state_dict: dict[str, np.ndarray], layouts: Layouts | None = None) -> ConvertedLora:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..models.single_file import SWAPPED_HALVES, bfl_module_of, bfl_module_targets, swap_halves
+from ..key_conversion import SWAPPED_HALVES, bfl_module_of, bfl_module_targets, swap_halves
 from .formats import Layouts, LoraWeights
 
 KOHYA_METADATA = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}

@@ -18,9 +18,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from ..adapters.layer import LoraConfig
 from ..safetensors_io import SafetensorsFile, bf16_bits_to_float32, float32_to_bf16_bits, save_file
 from .formats import COMPONENTS, Layouts, LoraShapeError, LoraWeights
-from .layer import LoraConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ..adapters.peft_mixin import PeftAdapterMixin
 from ..configuration_utils import register_to_config
-from ..lora.peft_mixin import PeftAdapterMixin
 from .normalization import LayerNorm
 from .text_encoder_utils import (
     Activation,

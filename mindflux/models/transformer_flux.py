@@ -20,9 +20,9 @@ from collections import namedtuple
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ..adapters.peft_mixin import PeftAdapterMixin
 from ..configuration_utils import register_to_config
 from ..device import get_device
-from ..lora.peft_mixin import PeftAdapterMixin
 from ..modeling_utils import ModelMixin
 from .activations import gelu_tanh
 from .attention import default_attention_backend, scaled_dot_product_attention
