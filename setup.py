@@ -14,6 +14,7 @@ setup(
         "mindspore>=2.7.1",
         "numpy>=1.20,<2",  # numpy 2 breaks MindSpore 2.7
         "safetensors",
+        "huggingface_hub>=0.34,<1.0",  # repo ids in from_pretrained (snapshot_download, its cache, HF_ENDPOINT)
         "transformers>=4.57,<4.58",  # tokenizers and configs only; never its torch models
         "tqdm",
         "pillow",

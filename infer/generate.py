@@ -52,8 +52,12 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="pipeline folder with model_index.json (FLUX.1-dev or schnell, diffusers layout); "
+    p.add_argument("--model", help="pipeline folder with model_index.json (FLUX.1-dev or schnell, diffusers layout) "
+                                   "or a Hub repo id such as black-forest-labs/FLUX.1-schnell; "
                                    "default: the demo model in mindflux/demo/flux-shapes")
+    p.add_argument("--model_source", choices=("huggingface", "modelscope"), default=None,
+                   help="where a repo id in --model is fetched from (default: $MINDFLUX_MODEL_SOURCE, else the "
+                        "Hugging Face Hub; HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply to it)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--negative_prompt", help="used with --true_cfg_scale > 1 (true classifier-free guidance)")
@@ -119,9 +123,13 @@ def check_args(args) -> list[tuple[str, float]]:
                            "train/train_demo_model.py); give a FLUX.1 pipeline folder, e.g. `huggingface-cli "
                            "download black-forest-labs/FLUX.1-schnell --local-dir FLUX.1-schnell`")
         args.model = str(DEMO_MODEL_DIR)
-    if not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model} is not a folder")
-    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+    from mindflux.hub import is_repo_id
+
+    if is_repo_id(args.model):  # fetched (or found in the Hub cache) when the pipeline loads
+        pass
+    elif not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model} is neither a folder nor a Hub repo id (org/name)")
+    elif not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise CLIError(f"--model {args.model} has no model_index.json: not a diffusers pipeline folder")
     for name in ("height", "width", "num_images", "steps", "max_sequence_length"):
         value = getattr(args, name)
@@ -156,7 +164,7 @@ def load_loras(pipe, loras: list[tuple[str, float]], fuse: bool) -> None:
         try:
             pipe.load_lora_weights(path, adapter_name=name)
         except (ValueError, OSError, KeyError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = str(err) or type(err).__name__  # in full: a list of unloadable keys is one line each
             if "accepted formats" not in reason:
                 reason += f" (accepted formats: {', '.join(FORMATS)}, as .safetensors)"
             raise CLIError(f"cannot load LoRA file {path}: {reason}") from err
@@ -194,7 +202,7 @@ def run(args) -> None:
     print(f"device {device}, {args.mode} mode, {dtype}; loading {args.model}", flush=True)
 
     start = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(args.model, mindspore_dtype=dtype)
+    pipe = FluxPipeline.from_pretrained(args.model, mindspore_dtype=dtype, model_source=args.model_source)
     if loras:
         load_loras(pipe, loras, args.fuse_lora)
     if args.vae_tiling:
@@ -272,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError) as err:
         if args.debug:
             raise
+        if isinstance(err, CLIError) and "\n" in str(err):  # a list (e.g. a LoRA's unloadable keys): shown whole
+            print(f"generate.py: error: {err}", file=sys.stderr)
+            return EXIT_ERROR
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"generate.py: error: {message[:600]}{'...' if len(message) > 600 else ''}", file=sys.stderr)
         return EXIT_ERROR

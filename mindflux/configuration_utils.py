@@ -61,7 +61,7 @@ def _jsonable(value: Any) -> Any:
 def resolve_folder(path: str, subfolder: str | None = None) -> str:
     folder = os.path.join(str(path), subfolder) if subfolder else str(path)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder {folder} does not exist (no model hub is used: give a local folder)")
+        raise FileNotFoundError(f"model folder {folder} does not exist")
     return folder
 
 

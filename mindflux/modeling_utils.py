@@ -16,6 +16,7 @@ from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 
 from .configuration_utils import ConfigMixin, resolve_folder
+from .hub import add_variant, resolve_model
 from .safetensors_io import SafetensorsError, SafetensorsFile, bf16_bits_to_float32, float32_to_bf16_bits
 from .safetensors_io import save_tensors as _save_tensors
 
@@ -52,10 +53,12 @@ def parse_size(size: int | str) -> int:
     return int(value * base ** "BKMGT".index(unit[0]))
 
 
-def weight_files(folder: str, weights_name: str) -> list[str]:
-    """The safetensors files of a folder: one `weights_name`, or the shards its index lists."""
-    single = os.path.join(folder, weights_name)
-    index = single + ".index.json"
+def weight_files(folder: str, weights_name: str, variant: str | None = None) -> list[str]:
+    """The safetensors files of a folder: one `weights_name`, or the shards its index lists
+    (`variant` "fp16": diffusion_pytorch_model.fp16.safetensors / ....safetensors.index.fp16.json)."""
+    single = os.path.join(folder, add_variant(weights_name, variant))
+    index = os.path.join(folder, add_variant(weights_name + ".index.json", variant))
+    weights_name = os.path.basename(single)
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
@@ -67,7 +70,7 @@ def weight_files(folder: str, weights_name: str) -> list[str]:
         return [os.path.join(folder, name) for name in dict.fromkeys(weight_map.values())]
     found = [n for n in sorted(os.listdir(folder)) if n.endswith((".bin", ".pt", ".ckpt", ".pth"))]
     hint = f" (found {', '.join(found)}: convert it to safetensors)" if found else ""
-    raise FileNotFoundError(f"{folder} has neither {weights_name} nor {weights_name}.index.json{hint}")
+    raise FileNotFoundError(f"{folder} has neither {weights_name} nor {os.path.basename(index)}{hint}")
 
 
 def tensor_to_numpy(tensor: ms.Tensor) -> tuple[np.ndarray, str]:
@@ -139,15 +142,22 @@ class ModelMixin(nn.Cell, ConfigMixin):
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
-                        mindspore_dtype=None, **config_overrides):
-        """Build the model from `config.json` and fill it from safetensors weights (F32, F16 or BF16).
+                        mindspore_dtype=None, *, revision: str | None = None, variant: str | None = None,
+                        cache_dir: str | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, model_source: str | None = None, **config_overrides):
+        """Build the model from `config.json` and fill it from safetensors weights (F32, F16, BF16 or fp8).
 
-        Parameters are created without random initialisation and filled one tensor at a time.
-        Without `mindspore_dtype` the weights are loaded as fp32, as diffusers does.
+        `pretrained_model_name_or_path` is a folder or a Hub repo id (`revision`, `variant`, `cache_dir`,
+        `local_files_only`, `token` as in diffusers; `model_source="modelscope"` for ModelScope ids;
+        see mindflux.hub). Parameters are created without random initialisation and filled one tensor
+        at a time. Without `mindspore_dtype` the weights are loaded as fp32, as diffusers does.
         """
-        folder = resolve_folder(pretrained_model_name_or_path, subfolder)
+        root = resolve_model(pretrained_model_name_or_path, subfolder, revision=revision, variant=variant,
+                             cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                             model_source=model_source)
+        folder = resolve_folder(root, subfolder)
         config = cls.load_config(folder)
-        files = weight_files(folder, cls.weights_name)
+        files = weight_files(folder, cls.weights_name, variant)
         with no_init_parameters():
             model = cls.from_config(config, **config_overrides)
         model.load_weights(files, dtype=resolve_dtype(mindspore_dtype) or ms.float32)

@@ -32,9 +32,7 @@ WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 
 # Arguments whose features cannot exist here: set to anything but their default, they stop the run.
 NOT_SUPPORTED = {
-    "revision": "hub revisions; give a local folder",
     "variant": "weight variants; give a folder with the weights to use",
-    "cache_dir": "a download cache (nothing is downloaded)",
     "dataset_config_name": "dataset configs (give a local folder as --dataset_name or --instance_data_dir)",
     "push_to_hub": "hub upload",
     "hub_model_id": "hub upload",
@@ -57,14 +55,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog="train_dreambooth_lora_flux.py", description="DreamBooth LoRA training of FLUX.1 (mindflux).")
     a = p.add_argument
     a("--pretrained_model_name_or_path", type=str, default=None, required=True,
-      help="Local diffusers-format FLUX folder (transformer/, vae/, scheduler/, text encoders and tokenizers).")
-    a("--revision", type=str, default=None, help="Hub revision (not supported: give a local folder).")
+      help="A diffusers-format FLUX folder (transformer/, vae/, scheduler/, text encoders and tokenizers) or a "
+           "Hub repo id (MINDFLUX_MODEL_SOURCE=modelscope for ModelScope ids).")
+    a("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of a repo id.")
     a("--variant", type=str, default=None, help="Weight variant, e.g. fp16 (not supported yet).")
     a("--dataset_name", type=str, default=None,
       help="A local dataset folder (images + metadata.jsonl); Hub names are not supported (no downloads).")
     a("--dataset_config_name", type=str, default=None, help="Dataset config (with --dataset_name).")
     a("--instance_data_dir", type=str, default=None, help="A folder containing the training images.")
-    a("--cache_dir", type=str, default=None, help="Download cache (unused: no hub).")
+    a("--cache_dir", type=str, default=None, help="Hub download cache (default: HF_HUB_CACHE).")
     a("--image_column", type=str, default="image",
       help="metadata.jsonl key of the image file ('file_name' also works).")
     a("--caption_column", type=str, default=None,

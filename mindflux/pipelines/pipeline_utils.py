@@ -6,7 +6,8 @@ A pipeline folder (what diffusers' `save_pretrained` writes, and what the Hub's 
     transformer/ vae/ scheduler/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/
 
 Each component is loaded by its class name: mindflux's own classes for models and the scheduler,
-transformers' tokenizer classes for the tokenizers (they need no torch). Nothing is downloaded.
+transformers' tokenizer classes for the tokenizers (they need no torch). A Hub or ModelScope repo id is
+fetched first (mindflux.hub).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..configuration_utils import DIFFUSERS_VERSION
 from ..device import get_device
+from ..hub import resolve_pipeline
 from ..modeling_utils import ModelMixin, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -112,8 +114,7 @@ class DiffusionPipeline:
     def load_model_index(cls, folder: str) -> dict:
         folder = str(folder)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"pipeline folder {folder} does not exist (no model hub is used: give a local "
-                                    "folder, e.g. one downloaded with `huggingface-cli download`)")
+            raise FileNotFoundError(f"pipeline folder {folder} does not exist (a Hub repo id is written org/name)")
         path = os.path.join(folder, MODEL_INDEX)
         if not os.path.isfile(path):
             hint = (" (it holds a single model's config.json: load it with that model's from_pretrained)"
@@ -129,15 +130,23 @@ class DiffusionPipeline:
         return index
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, mindspore_dtype=None, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, mindspore_dtype=None, *, revision: str | None = None,
+                        variant: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, model_source: str | None = None, **kwargs: Any):
         """Load every component listed in `model_index.json` from its subfolder.
+
+        `pretrained_model_name_or_path` is a folder or a Hub repo id, fetched with the diffusers
+        keywords `revision`, `variant`, `cache_dir`, `local_files_only`, `token` (or from ModelScope
+        with `model_source="modelscope"`); see mindflux.hub.
 
         `mindspore_dtype` ("fp32" / "bf16" / "fp16", a MindSpore dtype, or a dict of component name
         -> dtype with an optional "default") is the dtype of the models' weights; fp32 without it,
         as diffusers. A component passed as a keyword argument (None included) is used as given
         instead of being loaded, as in diffusers.
         """
-        folder = str(pretrained_model_name_or_path)
+        folder = resolve_pipeline(pretrained_model_name_or_path, revision=revision, variant=variant,
+                                  cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                                  model_source=model_source)
         index = cls.load_model_index(folder)
         pipeline_cls = cls
         found = index.get("_class_name")
@@ -185,7 +194,7 @@ class DiffusionPipeline:
                 raise FileNotFoundError(f"component {name!r} ({class_name}) is listed in {MODEL_INDEX} but its "
                                         f"folder {component_folder} does not exist")
             components[name] = _load_component(classes[class_name][1], component_folder,
-                                                _dtype_for(mindspore_dtype, name))
+                                                _dtype_for(mindspore_dtype, name), variant)
         return pipeline_cls(**components)
 
     # ---- saving -----------------------------------------------------------------------------
@@ -220,9 +229,9 @@ def _dtype_for(mindspore_dtype, name: str) -> ms.Type | None:
     return resolve_dtype(mindspore_dtype)
 
 
-def _load_component(cls: type, folder: str, dtype: ms.Type | None):
+def _load_component(cls: type, folder: str, dtype: ms.Type | None, variant: str | None = None):
     if issubclass(cls, ModelMixin):
-        return cls.from_pretrained(folder, mindspore_dtype=dtype)
+        return cls.from_pretrained(folder, mindspore_dtype=dtype, variant=variant)
     return cls.from_pretrained(folder)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from mindspore import Tensor
 
 from ..configuration_utils import ConfigMixin, register_to_config, resolve_folder
+from ..hub import resolve_model
 from ..safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,14 @@ class FlowMatchEulerDiscreteScheduler(ConfigMixin):
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **overrides):
-        """Read `scheduler_config.json` from a folder, e.g. a FLUX repo with subfolder="scheduler"."""
-        folder = resolve_folder(pretrained_model_name_or_path, subfolder)
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, *,
+                        revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, model_source: str | None = None, **overrides):
+        """Read `scheduler_config.json` from a folder or a Hub repo id (see mindflux.hub), e.g. a FLUX
+        repo with subfolder="scheduler"."""
+        root = resolve_model(pretrained_model_name_or_path, subfolder, revision=revision, cache_dir=cache_dir,
+                             local_files_only=local_files_only, token=token, model_source=model_source)
+        folder = resolve_folder(root, subfolder)
         return cls.from_config(cls.load_config(folder), **overrides)
 
     def save_pretrained(self, save_directory: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..device import pynative as _pynative
+from ..hub import resolve_pipeline
 from .checkpoint import (
     load_checkpoint_tensors,
     load_parameters_state,
@@ -75,8 +76,8 @@ def _free_memory() -> None:
 def check_model_folder(folder: str) -> None:
     """A diffusers FLUX folder needs at least transformer/, vae/ and scheduler/ with their configs."""
     if not os.path.isdir(folder):
-        raise TrainingError(f"--pretrained_model_name_or_path {folder} is not a folder (no model hub is used: "
-                            "download the model first)")
+        raise TrainingError(f"--pretrained_model_name_or_path {folder} is neither a folder nor a Hub repo id "
+                            "(org/name)")
     for sub, name in (("transformer", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
         if not os.path.isfile(os.path.join(folder, sub, name)):
             raise TrainingError(f"{folder} has no {sub}/{name}: a diffusers FLUX folder has transformer/, vae/, "
@@ -180,7 +181,9 @@ class DreamBoothTrainer:
             else:
                 logger.info("--allow_tf32 concerns NVIDIA GPUs; no effect on %s", self.device)
         self.weight_dtype = resolve_weight_dtype(args.mixed_precision)
-        folder = args.pretrained_model_name_or_path
+        # a Hub / ModelScope repo id becomes its fetched folder, which every later load reads
+        folder = args.pretrained_model_name_or_path = resolve_pipeline(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
         check_model_folder(folder)
         if self.dist.enabled and args.seed is None:
             raise TrainingError("--seed is required under msrun: every process draws the same host random numbers "
