@@ -15,6 +15,7 @@ setup(
         "numpy>=1.20,<2",  # numpy 2 breaks MindSpore 2.7
         "safetensors",
         "huggingface_hub>=0.34,<1.0",  # repo ids in from_pretrained (snapshot_download, its cache, HF_ENDPOINT)
+        "ml_dtypes>=0.4",  # fp8 (F8_E4M3 / F8_E5M2) checkpoints widened at load; MindSpore does not bring it
         "transformers>=4.57,<4.58",  # tokenizers and configs only; never its torch models
         "tqdm",
         "pillow",
@@ -23,9 +24,10 @@ setup(
         "protobuf",
     ],
     extras_require={
-        "test": ["pytest", "tensorboardX"],  # the TensorBoard logging tests
+        "test": ["pytest", "tensorboardX", "gguf==0.19.0"],  # TensorBoard logging; GGUF fixtures' reader
         # only to regenerate the PyTorch reference dumps (tests/parity/make_dumps.py) and run bench/
         "torch": ["torch==2.13.0", "diffusers==0.35.2", "peft", "sentencepiece", "protobuf", "prodigyopt"],
+        "gguf": ["gguf>=0.17"],  # GGUF transformer files (Q8_0, Q4_K, ...), dequantised at load
         "mindone": ["mindone==0.5.0"],
         "tensorboard": ["tensorboardX"],  # train --report_to tensorboard: pure Python, needs protobuf and numpy
     },

@@ -15,9 +15,10 @@ import numpy as np
 from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 
+from .checkpoints import open_checkpoint
 from .configuration_utils import ConfigMixin, resolve_folder
 from .hub import add_variant, resolve_model
-from .safetensors_io import SafetensorsError, SafetensorsFile, bf16_bits_to_float32, float32_to_bf16_bits
+from .safetensors_io import SafetensorsError, bf16_bits_to_float32, float32_to_bf16_bits
 from .safetensors_io import save_tensors as _save_tensors
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,8 @@ class ModelMixin(nn.Cell, ConfigMixin):
 
     def load_weights(self, files: Iterable[str] | str, dtype: ms.Type | None = None,
                      convert: Callable[[str, np.ndarray], Iterable[tuple[str, np.ndarray]]] | None = None) -> None:
-        """Fill parameters from safetensors files, one tensor at a time; raise one error listing
-        every missing, unexpected and misshapen key.
+        """Fill parameters from weight files (safetensors, fp8 included, or GGUF; see mindflux.checkpoints),
+        one tensor at a time; raise one error listing every missing, unexpected and misshapen key.
 
         `convert(key, array)` turns one checkpoint entry into (parameter name, array) pairs: a
         rename, a split of a fused weight, or nothing to drop it. Arrays keep the file's storage
@@ -180,7 +181,7 @@ class ModelMixin(nn.Cell, ConfigMixin):
         ignore = [re.compile(p) for p in self._keys_to_ignore_on_load_unexpected]
         tied = {src: dst for dst, src in self._tied_weights.items()}
         for path in files:
-            st = SafetensorsFile(path)
+            st = open_checkpoint(path)
             for key in st.keys():
                 array, file_dtype = st.get(key)
                 for name, piece in (convert(key, array) if convert else [(key, array)]):

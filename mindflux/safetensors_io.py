@@ -28,7 +28,10 @@ _NP_DTYPES = {
     "I8": np.int8,
     "U8": np.uint8,
     "BOOL": np.bool_,
+    "F8_E4M3": np.uint8,  # fp8 is carried as its bit pattern too; fp8_bits_to_float32 widens it
+    "F8_E5M2": np.uint8,
 }
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -51,6 +54,16 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     if nan.any():
         rounded[nan] = 0x7FC0
     return rounded
+
+
+def fp8_bits_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """F8_E4M3 (torch's float8_e4m3fn: no infinities) or F8_E5M2 bits widened to fp32, exactly (ml_dtypes)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError(f"reading {dtype} (fp8) weights needs the ml_dtypes package: pip install ml_dtypes") from None
+    fp8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}[dtype]
+    return np.ascontiguousarray(bits, np.uint8).view(fp8).astype(np.float32)
 
 
 class SafetensorsFile:
@@ -102,8 +115,10 @@ class SafetensorsFile:
         return buf.view(_NP_DTYPES[dtype]).reshape(shape), dtype
 
     def get_float32(self, name: str) -> np.ndarray:
-        """The tensor widened to fp32 (exact for F16 and BF16)."""
+        """The tensor widened to fp32 (exact for F16, BF16 and fp8)."""
         arr, dtype = self.get(name)
+        if dtype in FP8_DTYPES:
+            return fp8_bits_to_float32(arr, dtype)
         return bf16_bits_to_float32(arr) if dtype == "BF16" else arr.astype(np.float32)
 
     def items(self) -> Iterator[tuple[str, np.ndarray, str]]:
@@ -115,7 +130,8 @@ class SafetensorsFile:
 def load_file(path: str) -> dict[str, np.ndarray]:
     """All tensors of a file as numpy arrays, BF16 widened to fp32. For small files (LoRAs, fixtures)."""
     f = SafetensorsFile(path)
-    return {name: f.get_float32(name) if f.dtype(name) in ("BF16", "F16") else f.get(name)[0] for name in f.keys()}
+    return {name: f.get_float32(name) if f.dtype(name) in ("BF16", "F16", *FP8_DTYPES) else f.get(name)[0]
+            for name in f.keys()}
 
 
 def save_file(tensors: dict[str, tuple[np.ndarray, str]], path: str, metadata: dict[str, str] | None = None) -> None:
@@ -165,6 +181,6 @@ def save_tensors(specs: dict[str, tuple[tuple[int, ...], str, Callable[[], np.nd
 def numpy_to_safetensors(arr: np.ndarray) -> tuple[np.ndarray, str]:
     """(array, dtype name) for a numpy array of a plain dtype."""
     for name, np_dtype in _NP_DTYPES.items():
-        if name != "BF16" and arr.dtype == np_dtype:
+        if name not in ("BF16", *FP8_DTYPES) and arr.dtype == np_dtype:
             return arr, name
     raise ValueError(f"no safetensors dtype for numpy {arr.dtype}")

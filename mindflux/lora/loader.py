@@ -19,7 +19,7 @@ import numpy as np
 from mindspore import nn
 
 from ..adapters.layer import LoraConfig
-from ..safetensors_io import SafetensorsFile, bf16_bits_to_float32, float32_to_bf16_bits, save_file
+from ..safetensors_io import FP8_DTYPES, SafetensorsFile, float32_to_bf16_bits, save_file
 from .formats import COMPONENTS, Layouts, LoraShapeError, LoraWeights
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def read_lora(pretrained_model_name_or_path_or_dict, weight_name: str | None = N
     state = {}
     for name in st.keys():
         array, dtype = st.get(name)
-        # LoRA weights stay fp32 in mindflux whatever the file stores (BF16 and F16 widen exactly).
-        if dtype == "BF16":
-            state[name] = bf16_bits_to_float32(array)
+        # LoRA weights stay fp32 in mindflux whatever the file stores (BF16, F16 and fp8 widen exactly).
+        if dtype in ("BF16", *FP8_DTYPES):
+            state[name] = st.get_float32(name)
         elif dtype in ("F16", "F32", "F64"):
             state[name] = np.array(array, np.float32)
         else:

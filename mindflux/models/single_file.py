@@ -39,7 +39,7 @@ def infer_config(keys: dict[str, tuple[int, ...]]) -> dict:
 
 
 def load_bfl_transformer(cls, path: str, config: dict | str | None = None, mindspore_dtype=None, **overrides):
-    """FluxTransformer2DModel.from_single_file: build from a BFL-layout safetensors file.
+    """FluxTransformer2DModel.from_single_file: build from a BFL-layout file (safetensors, fp8 included, or GGUF).
 
     The config comes from the checkpoint's shapes; `config` (a dict or a diffusers transformer
     folder) and keyword overrides take precedence, e.g. `axes_dims_rope` for non-FLUX.1 sizes.
@@ -47,12 +47,12 @@ def load_bfl_transformer(cls, path: str, config: dict | str | None = None, minds
     import mindspore as ms
     from mindspore.nn.utils import no_init_parameters
 
+    from ..checkpoints import open_checkpoint
     from ..modeling_utils import resolve_dtype
-    from ..safetensors_io import SafetensorsFile
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    st = SafetensorsFile(path)
+    st = open_checkpoint(path)  # safetensors (fp8 too) or GGUF
     inferred = infer_config({k: st.shape(k) for k in st.keys()})
     if isinstance(config, str):
         config = cls.load_config(config)

@@ -51,6 +51,8 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
     ],
     "train_step": [("torch", "dump_train_step:make_reference")],
     # after tokenizers: the pipeline's tokenizer folders are saved from these
+    # after transformer: fp8 and GGUF files of its flux_dev model
+    "sources": [("torch", "dump_sources:make_reference")],
     "pipeline": [
         ("torch", "dump_pipeline:make_reference"),
         ("mindspore", "dump_pipeline:write_mindflux_copy"),
