@@ -171,3 +171,26 @@ def clip_module_from_kohya(name: str) -> str | None:
     index, rest = m.groups()
     rest = rest.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
     return f"text_model.encoder.layers.{index}.{rest}"
+
+
+def _underscored_diffusers() -> dict[str | None, dict[str, str]]:
+    """{block list or None: {module suffix with dots as underscores: dotted suffix}} of FLUX's linear layers."""
+    out: dict[str | None, dict[str, str]] = {"transformer_blocks": {}, "single_transformer_blocks": {}, None: {}}
+    for (block_list, target) in _INVERSE:
+        out[block_list][target.replace(".", "_")] = target
+    return out
+
+
+_UNDERSCORED_DIFFUSERS = _underscored_diffusers()
+_UNDERSCORED_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)_(\d+)_(.+)$")
+
+
+def diffusers_module_from_underscored(name: str) -> str | None:
+    """A FLUX transformer module written with underscores (`transformer_blocks_0_attn_to_out_0`, as the
+    `lora_transformer_` and `lycoris_` prefixes of some trainers do) back to its dotted name."""
+    match = _UNDERSCORED_BLOCK.match(name)
+    if match is None:
+        return _UNDERSCORED_DIFFUSERS[None].get(name)
+    block_list, index, rest = match.groups()
+    found = _UNDERSCORED_DIFFUSERS[block_list].get(rest)
+    return f"{block_list}.{index}.{found}" if found else None

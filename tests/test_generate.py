@@ -115,4 +115,5 @@ def test_unreadable_lora_names_file_and_formats(tmp_path, capsys):
     bad.write_bytes(b"this is not a safetensors file")
     rc, _, err = run_cli(BASE + ["--prompt", "x", "--lora", bad, "--output_dir", tmp_path], capsys)
     assert rc == 1 and len(err.strip().splitlines()) == 1
-    assert f"cannot load LoRA file {bad}" in err and "accepted formats: diffusers, kohya, comfyui, bfl, xlabs" in err
+    assert f"cannot load LoRA file {bad}" in err
+    assert "accepted formats: diffusers, kohya, comfyui, bfl, xlabs, mixture, fal, lycoris" in err

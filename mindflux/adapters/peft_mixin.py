@@ -84,7 +84,7 @@ class PeftAdapterMixin:
                 raise ValueError(f"{type(self).__name__} has no linear layer {missing[0]}"
                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
             targets = list(modules)
-        if not targets:
+        if not targets and modules is None:  # modules=[]: an adapter that only replaces base weights (LyCORIS)
             raise ValueError(f"target_modules {adapter_config.target_modules} match no linear layer of "
                              f"{type(self).__name__}")
         for name in targets:

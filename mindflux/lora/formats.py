@@ -12,6 +12,14 @@ Accepted formats (`FORMATS`), each key ending in the LoRA down (A) / up (B) matr
                (black-forest-labs' control LoRAs)
     xlabs      double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight,
                single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight (XLabs-AI)
+    mixture    lora_transformer_<diffusers module, dots as underscores>.lora_down.weight / .lora_up.weight /
+               .alpha, lora_te1_<CLIP module>... (diffusers' "mixture" branch: some trainers write it)
+    fal        base_model.model.<BFL module>.lora_A.weight / .lora_B.weight (PEFT on BFL modules: fal's and
+               ostris' FLUX.1 Kontext LoRAs)
+    lycoris    LyCORIS LoKr (lokr_w1, lokr_w1_a/_b, lokr_w2, lokr_w2_a/_b) and LoHa (hada_w1_a/_b, hada_w2_a/_b)
+               with .alpha, under any of the module names above (lora_unet_, lycoris_, lora_transformer_,
+               diffusion_model., transformer.): ai-toolkit, SimpleTuner, kohya-LyCORIS. Their ΔW (see
+               lycoris.py) is merged into the base weights at load; deleting the adapter restores them.
 
 BFL module names map to diffusers modules through `mindflux.key_conversion`'s table. A fused
 BFL module (img_attn.qkv -> to_q/to_k/to_v; single-block linear1 -> to_q/to_k/to_v/proj_mlp) has
@@ -38,12 +46,15 @@ from ..key_conversion import (
     bfl_module_from_kohya,
     bfl_module_targets,
     clip_module_from_kohya,
+    diffusers_module_from_underscored,
     split_rows,
     strip_bfl_prefix,
     swap_halves,
 )
+from .lycoris import PARTS as LYCORIS_PARTS
+from .lycoris import delta_weight
 
-FORMATS = ("diffusers", "kohya", "comfyui", "bfl", "xlabs")
+FORMATS = ("diffusers", "kohya", "comfyui", "bfl", "xlabs", "mixture", "fal", "lycoris")
 COMPONENTS = ("transformer", "text_encoder")
 
 # {component: {diffusers module: (in_features, out_features)}}: the models' linear layers.
@@ -52,6 +63,10 @@ Layouts = dict[str, dict[str, tuple[int, int]]]
 
 class LoraFormatError(ValueError):
     """A LoRA file that is in none of the accepted formats."""
+
+
+DORA_REFUSED = ("DoRA (weight-decomposed LoRA) is not supported: mindflux applies LoRA, LoKr and LoHa; without "
+                "its magnitude vectors the rest of a DoRA file would give wrong outputs, so nothing is loaded")
 
 
 class LoraShapeError(ValueError):
@@ -83,19 +98,26 @@ class ConvertedLora:
     format: str
     layers: dict[str, dict[str, LoraWeights]] = field(default_factory=dict)
     base_weights: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # {component: {diffusers module: ΔW (out, in)}}: LyCORIS modules, merged into the weights at load
+    deltas: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     unmapped: dict[str, str] = field(default_factory=dict)
 
 
 # ---- one key -> (format, component, namespace, module, kind) ----------------------------------
 _KINDS = {"lora_A.weight": "down", "lora_down.weight": "down", "down.weight": "down",
           "lora_B.weight": "up", "lora_up.weight": "up", "up.weight": "up", "alpha": "alpha", "scale": "scale"}
-_LORA_SUFFIX = r"lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha"
+_KINDS.update({part: part for part in LYCORIS_PARTS})
+_LORA_SUFFIX = (r"lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha|"
+                + "|".join(sorted(LYCORIS_PARTS)))
 _KOHYA = re.compile(rf"^lora_(unet|te\d?)_(\w+)\.({_LORA_SUFFIX})$")
+_UNDERSCORED = re.compile(rf"^(lora_transformer|lycoris)_(\w+)\.({_LORA_SUFFIX})$")
+_FAL = "base_model.model."
 _XLABS = re.compile(r"^(?:diffusion_model\.)?(double_blocks|single_blocks)\.(\d+)\.processor\."
                     r"(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)\.(down\.weight|up\.weight)$")
 _DOTTED = re.compile(rf"^(.+)\.({_LORA_SUFFIX}|scale)$")
 _DIFFUSERS = re.compile(r"^(?:(transformer|text_encoder)\.)?(?:base_model\.model\.)?(.+)\."
-                        r"(lora_A\.weight|lora_B\.weight|alpha)$")
+                        rf"(lora_A\.weight|lora_B\.weight|alpha|{'|'.join(sorted(LYCORIS_PARTS))})$")
+_DORA = ("lora_magnitude_vector", "dora_scale")
 # Full q/k norm weights that control LoRAs replace (diffusers' names for BFL's `.scale`).
 _DIFFUSERS_NORM = re.compile(r"^transformer\.(.+\.(?:norm_q|norm_k|norm_added_q|norm_added_k))\.weight$")
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
@@ -118,10 +140,22 @@ class _Key:
 
 
 def _classify(key: str) -> _Key | None:
+    parsed = _classify_names(key)
+    if parsed is not None and parsed.kind in LYCORIS_PARTS:  # a LyCORIS module under any naming
+        return _Key("lycoris", parsed.component, parsed.namespace, parsed.module, parsed.kind, parsed.subset)
+    return parsed
+
+
+def _classify_names(key: str) -> _Key | None:
     if m := _KOHYA.match(key):
         prefix, name, suffix = m.groups()
         component = {"unet": "transformer", "te": "text_encoder", "te1": "text_encoder"}.get(prefix)
         return _Key("kohya", component, "kohya_unet" if prefix == "unet" else "kohya_te", name, _KINDS[suffix])
+    if m := _UNDERSCORED.match(key):
+        _, name, suffix = m.groups()
+        return _Key("mixture", "transformer", "underscored", name, _KINDS[suffix])
+    if key.startswith(_FAL) and key[len(_FAL):].startswith(_BFL_ROOTS) and (m := _DOTTED.match(key[len(_FAL):])):
+        return _Key("fal", "transformer", "bfl", m.group(1), _KINDS[m.group(2)])
     if m := _XLABS.match(key):
         kind, index, lora, suffix = m.groups()
         module, subset = _XLABS_MODULES[lora]
@@ -207,13 +241,14 @@ def convert_to_diffusers(state_dict: dict[str, np.ndarray], layouts: Layouts | N
         if parsed.component is None:
             result.unmapped[key] = "a T5 LoRA: mindflux loads LoRAs of the transformer and of CLIP only"
             continue
-        group = groups.setdefault((parsed.component, parsed.namespace, parsed.module, parsed.subset, parsed.format), {})
+        # not by format: a LyCORIS module's .alpha key reads as kohya's
+        group = groups.setdefault((parsed.component, parsed.namespace, parsed.module, parsed.subset), {})
         if parsed.kind in group:  # e.g. both lora_A and lora_down for one module
             result.unmapped[key] = f"a second {parsed.kind} of the module of {group[parsed.kind][0]}, which is loaded"
             continue
         group[parsed.kind] = (key, value)
 
-    for (component, namespace, module, subset, _), parts in groups.items():
+    for (component, namespace, module, subset), parts in groups.items():
         keys = [key for key, _ in parts.values()]
         layout = layouts.get(component) if layouts is not None else None
         if layouts is not None and layout is None:
@@ -223,6 +258,8 @@ def convert_to_diffusers(state_dict: dict[str, np.ndarray], layouts: Layouts | N
             module, namespace = bfl_module_from_kohya(module), "bfl"
         elif namespace == "kohya_te":
             module, namespace = _te_module(module, layout), "diffusers"
+        elif namespace == "underscored":
+            module, namespace = _underscored_module(module, layout), "diffusers"
         if module is None:
             _unmap(result, keys, "no FLUX module has this kohya name")
             continue
@@ -235,6 +272,9 @@ def convert_to_diffusers(state_dict: dict[str, np.ndarray], layouts: Layouts | N
         if "scale" in parts:
             _add_scale(result, component, module, targets, parts.pop("scale"), layout)
         if not parts:
+            continue
+        if any(kind in LYCORIS_PARTS for kind in parts):
+            _add_delta(result, component, module, targets, parts, layout)
             continue
         if "down" not in parts or "up" not in parts:
             missing = "up" if "down" in parts else "down"
@@ -249,11 +289,17 @@ def convert_to_diffusers(state_dict: dict[str, np.ndarray], layouts: Layouts | N
     return result
 
 
+def _underscored_module(name: str, layout: dict[str, tuple[int, int]] | None) -> str | None:
+    if layout is not None:
+        return {m.replace(".", "_"): m for m in layout}.get(name)
+    return diffusers_module_from_underscored(name)
+
+
 def _why_not(key: str) -> str:
     if key.endswith((".lora_B.bias", ".lora_up.bias")):
         return "LoRA biases (PEFT's lora_bias) are not supported"
-    if "lora_magnitude_vector" in key or key.endswith(".dora_scale"):
-        return "DoRA is not supported"
+    if any(d in key for d in _DORA):
+        return DORA_REFUSED
     if key.endswith((".diff", ".diff_b")):
         return "full weight differences (.diff / .diff_b) are not supported"
     return "not a LoRA key of any accepted format"
@@ -272,6 +318,35 @@ def _add_scale(result, component, module, targets, entry, layout) -> None:
         return
     param = f"{targets[0]}.weight"
     result.base_weights.setdefault(component, {})[param] = np.asarray(value, np.float32)
+
+
+def _add_delta(result, component, module, targets, parts, layout) -> None:
+    """A LyCORIS module: its ΔW, checked against the model and split over the targets of a fused module."""
+    keys = {kind: key for kind, (key, _) in parts.items()}
+    where = next(iter(keys.values())).rsplit(".", 1)[0]
+    plain = sorted(set(parts) - LYCORIS_PARTS - {"alpha"})
+    if plain:
+        raise LoraShapeError(f"{where} mixes LyCORIS tensors with LoRA {plain[0]} matrices")
+    alpha = None
+    if "alpha" in parts:
+        alpha = _scalar(parts["alpha"][1])
+        if alpha is None:
+            raise LoraShapeError(f"LoRA key {keys['alpha']} has shape {np.shape(parts['alpha'][1])}, alpha must be "
+                                 "a single number")
+    delta = delta_weight({k: v for k, (_, v) in parts.items() if k in LYCORIS_PARTS}, alpha, where)
+    if layout is not None:
+        expected = (sum(layout[t][1] for t in targets), layout[targets[0]][0])
+        if delta.shape != expected:
+            raise LoraShapeError(f"LyCORIS module {where} gives a weight difference of shape {delta.shape}, the model "
+                                 f"expects {expected}")
+    if module in SWAPPED_HALVES:
+        delta = swap_halves(delta)
+    sizes = [layout[t][1] for t in targets] if layout is not None else [delta.shape[0] // len(targets)] * len(targets)
+    deltas = result.deltas.setdefault(component, {})
+    for target, piece in zip(targets, split_rows(delta, sizes) if len(targets) > 1 else [delta]):
+        if target in deltas or target in result.layers.get(component, {}):
+            raise ValueError(f"LyCORIS module {where} adapts {target}, which another module of the file adapts too")
+        deltas[target] = np.ascontiguousarray(piece)
 
 
 def _add_lora(result, component, module, targets, parts, layout) -> None:

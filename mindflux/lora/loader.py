@@ -169,17 +169,32 @@ def _exact(module: str) -> str:
 
 
 def add_lora_adapter(model, layers: dict[str, LoraWeights], adapter_name: str, config: LoraConfig,
-                     base_weights: dict[str, np.ndarray] | None = None) -> None:
-    """Create `adapter_name` on `model` over exactly `layers`' modules and fill it (fp32)."""
+                     base_weights: dict[str, np.ndarray] | None = None,
+                     deltas: dict[str, np.ndarray] | None = None) -> None:
+    """Create `adapter_name` on `model` over exactly `layers`' modules and fill it (fp32).
+
+    `deltas` ({module: ΔW}, LyCORIS modules) are added to those modules' base weights, which come back
+    when the adapter is deleted.
+    """
     model.add_adapter(config, adapter_name, modules=list(layers))
     try:
         state = {}
         for module, w in layers.items():
             state[f"{module}.lora_A.weight"] = w.down
             state[f"{module}.lora_B.weight"] = w.up
-        model.set_adapter_state_dict(state, adapter_name)
+        if state:
+            model.set_adapter_state_dict(state, adapter_name)
         if base_weights:
             model.overwrite_base_weights(adapter_name, base_weights)
+        if deltas:
+            params = model.state_dict()
+            merged = {}
+            for module, delta in deltas.items():
+                key = f"{module}.weight"
+                if key not in params:
+                    raise LoraShapeError(f"{type(model).__name__} has no linear layer {module}")
+                merged[key] = params[key].astype(ms.float32).asnumpy() + delta
+            model.overwrite_base_weights(adapter_name, merged)
     except Exception:
         model.delete_adapters(adapter_name)
         raise

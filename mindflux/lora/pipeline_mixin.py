@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from .formats import FORMATS, ConvertedLora, convert_to_diffusers
+from ..adapters.layer import LoraConfig
+from .formats import DORA_REFUSED, FORMATS, ConvertedLora, LoraFormatError, convert_to_diffusers
 from .kohya import save_kohya_lora
 from .loader import (
     LORA_WEIGHT_NAME_SAFE,
@@ -68,6 +69,8 @@ def report_unmapped(converted: ConvertedLora, strict: bool, source: str = "LoRA"
         return
     lines = [f"  {key}: {why}" for key, why in converted.unmapped.items()]
     message = (f"{source} ({converted.format} format): {len(lines)} keys cannot be loaded:\n" + "\n".join(lines))
+    if DORA_REFUSED in converted.unmapped.values():  # the rest alone would be wrong: refused even with strict=False
+        raise LoraKeyError(message)
     if strict:
         raise LoraKeyError(message + "\n(pass strict=False to load the rest and skip these with a warning)")
     logger.warning("%s\nThey were skipped (strict=False).", message)
@@ -102,6 +105,9 @@ class FluxLoraLoaderMixin:
         models = self._lora_models() if not isinstance(self, type) else {}
         converted = convert_to_diffusers(state, layouts_of(models) if models else None)
         report_unmapped(converted, strict)
+        if any(converted.deltas.values()):
+            raise LoraFormatError("LyCORIS (LoKr / LoHa) modules have no LoRA form to return: load the file with "
+                                  "load_lora_weights, which merges their weight differences into the model")
         configs = split_metadata(metadata)
         out = {}
         for component, layers in converted.layers.items():
@@ -136,7 +142,7 @@ class FluxLoraLoaderMixin:
         models = {c: m for c, m in self._lora_models().items() if m is not None}
         converted = convert_to_diffusers(state, layouts_of(models))
         report_unmapped(converted, strict, str(source))
-        if not any(converted.layers.values()):
+        if not any(converted.layers.values()) and not any(converted.deltas.values()):
             raise LoraKeyError(f"{source} holds no LoRA weights for {sorted(models)}; accepted formats: "
                                f"{', '.join(FORMATS)}")
         transformer = models.get(self.transformer_name)
@@ -147,15 +153,21 @@ class FluxLoraLoaderMixin:
                 raise ValueError(f"adapter name {adapter_name!r} is already in use in the {component}; "
                                  f"pick another or delete_adapters({adapter_name!r}) first")
         configs = split_metadata(metadata)
-        plans = [(models[c], layers, lora_config_for(layers, configs.get(c)), converted.base_weights.get(c))
-                 for c, layers in converted.layers.items() if layers]
+        components = [c for c in models if converted.layers.get(c) or converted.deltas.get(c)]
+        plans = []
+        for c in components:
+            layers, deltas = converted.layers.get(c, {}), converted.deltas.get(c)
+            # a LyCORIS-only adapter has no LoRA layers: its config just names the merged modules
+            config = (lora_config_for(layers, configs.get(c)) if layers else
+                      LoraConfig(r=1, lora_alpha=1, target_modules=sorted(deltas)))
+            plans.append((models[c], layers, config, converted.base_weights.get(c), deltas))
         for component in converted.base_weights:
-            if component not in converted.layers:
+            if component not in components:
                 raise LoraKeyError(f"{source} replaces {component} weights but has no LoRA layers for it")
         done = []
         try:
-            for model, layers, config, base_weights in plans:
-                add_lora_adapter(model, layers, adapter_name, config, base_weights)
+            for model, layers, config, base_weights, deltas in plans:
+                add_lora_adapter(model, layers, adapter_name, config, base_weights, deltas)
                 done.append(model)
         except Exception:
             for model in done:

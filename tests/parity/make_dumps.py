@@ -53,6 +53,7 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
     # after tokenizers: the pipeline's tokenizer folders are saved from these
     # after transformer: fp8 and GGUF files of its flux_dev model
     "sources": [("torch", "dump_sources:make_reference")],
+    "lora_formats": [("torch", "dump_lora_formats:make_reference")],
     "pipeline": [
         ("torch", "dump_pipeline:make_reference"),
         ("mindspore", "dump_pipeline:write_mindflux_copy"),
