@@ -1,0 +1,38 @@
+"""Device runtime helpers that differ by device: wait for queued work, free cached memory, memory figures."""
+
+from __future__ import annotations
+
+import mindspore as ms
+
+from ..device import get_device
+from .policy import policy
+
+
+def synchronize() -> None:
+    """Wait for the device to finish queued work, so that wall-clock timings mean something."""
+    if policy().device != "CPU":
+        ms.runtime.synchronize()
+
+
+def empty_cache() -> None:
+    """Give the memory MindSpore's pool holds for freed tensors back to the device (no-op on the CPU)."""
+    if policy().device != "CPU":
+        ms.runtime.empty_cache()
+
+
+def peak_device_memory_gib() -> float | None:
+    """Peak device memory allocated by this process in GiB; None on the CPU (see the host's RSS there)."""
+    if policy().device == "CPU" or get_device() == "CPU":
+        return None
+    return ms.runtime.max_memory_allocated() / 1024**3
+
+
+def device_memory_gib(device_id: int = 0) -> float | None:
+    """Total memory of the card in GiB, or None when it cannot be read (the CPU, a forced policy)."""
+    if get_device() == "CPU":
+        return None
+    try:
+        return ms.hal.get_device_properties(device_id).total_memory / 1024**3
+    except Exception:  # noqa: BLE001 - a plugin without the query: the caller skips its check
+        return None
+
