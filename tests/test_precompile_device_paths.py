@@ -77,8 +77,9 @@ def test_precompile_lora_train_step_ascend_bf16(precompile, recompute):
     """A LoRA UpdateStep (bf16 frozen weights, fp32 LoRA computing in bf16, flash attention, clip, AdamW) on
     Atlas A2, with and without recompute.
 
-    Planted bug (the math attention's bprop returning d_value cast to fp32 under recompute), seen failing:
-    TypeError: For primitive[...], the input type must be same ... Tensor[Float32] ... Tensor[BFloat16]
+    Planted bug (flash_attention given the sequence axis as head_num, query.shape[2]), seen failing with
+    recompute: RuntimeError: FlashAttentionScore: query_shape[1] must be equal to attribute 'head_num', but
+    got 2 and 23
     """
     with force_device(*A2):
         transformer = tiny_transformer(ms.float32).freeze()
@@ -104,8 +105,9 @@ def test_precompile_lora_train_step_ascend_bf16(precompile, recompute):
 def test_precompile_vae_ascend_bf16(precompile):
     """The tiny VAE in bf16 on Atlas A2: encode and decode, the mid-block attention on the flash kernel.
 
-    Planted bug (the VAE attention's heads transposed to (B, S, H, D) before the kernel), seen failing:
-    ValueError: For primitive[FlashAttentionScore] ... shape ...
+    Planted bug (the VAE attention's value projection cast to fp32, `.astype("float32")`), seen failing:
+    TypeError: For primitive[FlashAttentionScore], the input type must be same. name:[key]:Tensor[BFloat16].
+    name:[query]:Tensor[BFloat16]. name:[value]:Tensor[Float32].
     """
     vae = AutoencoderKL.from_pretrained(str(FIXTURES / "vae" / "tiny"), mindspore_dtype=ms.bfloat16)
     with force_device(*A2):
@@ -123,8 +125,8 @@ def test_precompile_pipeline_denoising_step_ascend_fp16(precompile, tmp_path, mo
     returns. fp16, not bf16: the pipeline's own op-by-op arithmetic (timestep / 1000) really runs on the CPU,
     which has no bf16 Div kernel; the transformer test above covers bf16.
 
-    Planted bug (the pipeline passing `timestep` as (B, 1)), seen failing:
-    ValueError: `timestep` must be a scalar or (1,); got (1, 1)
+    Planted bug (the pipeline building `timestep` as (B, 1)), seen failing at compile time:
+    ValueError: '`timestep` must be a scalar or (1,); got (1, 1)'
     """
     pipe = FluxPipeline.from_pretrained(str(make_model_folder(tmp_path / "model")), mindspore_dtype=ms.float16)
     seen = []
