@@ -1,15 +1,33 @@
-"""The one place that picks the device (CPU / GPU / Ascend) and the execution mode (graph / PyNative)."""
+"""The one place that picks the device (CPU / GPU / Ascend) and the execution mode (graph / PyNative).
+
+What runs on the chosen device (dtypes, attention kernel, ...) is `mindflux.backend.policy()`'s business.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import mindspore as ms
 
-_DEVICES = ("CPU", "GPU", "Ascend")
+logger = logging.getLogger(__name__)
+
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+_listeners: list[Callable[[], None]] = []
+
+_INSTALL_HINT = {
+    "Ascend": "install the Ascend driver and CANN, `source /usr/local/Ascend/ascend-toolkit/set_env.sh`, and "
+              "MindSpore 2.7.1 built for that CANN (https://www.mindspore.cn/install); see docs/install.md",
+    "GPU": "MindSpore 2.7.1's GPU plugins need CUDA 11.1 or 11.6 with cuDNN 8.0 / 8.5 on LD_LIBRARY_PATH (no "
+           "CUDA 12; Hopper GPUs need CUDA >= 11.8, which this wheel lacks); see docs/install.md",
+}
+
+
+class DeviceNotAvailableError(RuntimeError):
+    """The device asked for cannot be used here; the message says what is missing and how to install it."""
 
 
 def _plugin_available(device: str) -> bool:
@@ -20,18 +38,49 @@ def _plugin_available(device: str) -> bool:
     return bool(MSContext.get_instance().is_pkg_support_device(device))
 
 
+def _hardware_present(device: str) -> str | None:
+    """Evidence that the hardware (its driver) is on this machine, whether or not MindSpore can use it."""
+    probes = {"Ascend": ("/dev/davinci0", "/usr/local/Ascend/driver"),
+              "GPU": ("/proc/driver/nvidia/version", "/dev/nvidia0")}
+    return next((p for p in probes[device] if Path(p).exists()), None)
+
+
+def unavailable_reason(device: str) -> str:
+    """Why MindSpore cannot use `device` ("GPU" or "Ascend") here, and how to fix it."""
+    evidence = _hardware_present(device)
+    found = (f"the {device} driver is present ({evidence}) but MindSpore {ms.__version__} could not load its "
+             f"{device} plugin" if evidence else f"no {device} was found on this machine (no driver)")
+    return f"{found}: {_INSTALL_HINT[device]}"
+
+
 def resolve_device(device: str = "auto") -> str:
-    """Turn "auto" / "cpu" / "gpu" / "ascend" / "npu" into MindSpore's device name."""
+    """Turn "auto" / "cpu" / "gpu" / "ascend" / "npu" into MindSpore's device name.
+
+    "auto" takes Ascend, then GPU, then the CPU; it warns when a card's driver is present but MindSpore
+    cannot use it (rather than falling back to the CPU without a word). A named device that MindSpore
+    cannot load raises DeviceNotAvailableError saying what is missing.
+    """
     name = (device or "auto").strip()
     if name.lower() == "auto":
         for candidate in ("Ascend", "GPU"):
             if _plugin_available(candidate):
                 return candidate
+        for candidate in ("Ascend", "GPU"):
+            if _hardware_present(candidate):
+                logger.warning("running on the CPU: %s", unavailable_reason(candidate))
         return "CPU"
     aliases = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend", "npu": "Ascend"}
     if name.lower() not in aliases:
         raise ValueError(f"device must be one of auto, cpu, gpu, ascend; got {device!r}")
-    return aliases[name.lower()]
+    target = aliases[name.lower()]
+    if target != "CPU" and not _plugin_available(target):
+        raise DeviceNotAvailableError(f"--device {name}: {unavailable_reason(target)}")
+    return target
+
+
+def on_device_change(callback: Callable[[], None]) -> None:
+    """Call `callback` after every `set_device` (the device policy re-applies itself to live models)."""
+    _listeners.append(callback)
 
 
 def set_device(device: str = "auto", mode: str = "graph", device_id: int | None = None) -> str:
@@ -40,24 +89,22 @@ def set_device(device: str = "auto", mode: str = "graph", device_id: int | None 
     `device` is "auto" (Ascend, then GPU, then CPU), "cpu", "gpu" or "ascend"; `mode` is "graph"
     (whole `construct` compiled once, then reused) or "pynative" (op by op, for debugging).
     Under msrun, the device id comes from the launcher's DEVICE_ID / LOCAL_RANK.
-    Returns the device name that is now in use.
+    Returns the device name that is now in use. Models built earlier follow the new device's policy.
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be 'graph' or 'pynative'; got {mode!r}")
     target = resolve_device(device)
-    if target != "CPU" and not _plugin_available(target):
-        raise RuntimeError(f"device {target} was asked for, but MindSpore could not load its plugin on this machine")
     if device_id is None:
         device_id = int(os.environ.get("DEVICE_ID", os.environ.get("LOCAL_RANK", 0)))
     if target == "CPU":
         ms.set_device(target)
     else:
         ms.set_device(target, device_id)
+    # Graph mode compiles at MindSpore's default jit level (O0, kernel by kernel, on Atlas A2), which
+    # supports every op mindflux uses; a Cell can opt into fusion with Cell.set_jit_config(JitConfig("O1")).
     ms.set_context(mode=_MODES[mode])
-    if target == "Ascend" and mode == "graph":
-        # O0 keeps kernel-by-kernel execution inside the compiled graph, which supports every op
-        # we use; O1/O2 fusion is opt-in via MS_JIT_LEVEL.
-        ms.set_context(jit_config={"jit_level": os.environ.get("MS_JIT_LEVEL", "O0")})
+    for callback in _listeners:
+        callback()
     return target
 
 
@@ -68,11 +115,6 @@ def get_device() -> str:
 
 def get_mode() -> str:
     return "graph" if ms.get_context("mode") == ms.GRAPH_MODE else "pynative"
-
-
-def supports_half_precision_matmul() -> bool:
-    """The CPU backend has no bf16/fp16 MatMul kernels, so half precision is GPU/Ascend only."""
-    return get_device() != "CPU"
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from typing import Callable
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn
+from mindspore import Parameter, nn
 from mindspore.nn.utils import no_init_parameters
 
 from .checkpoints import open_checkpoint
@@ -89,6 +89,21 @@ def numpy_to_tensor(array: np.ndarray, file_dtype: str, target: ms.Type) -> ms.T
     return tensor if tensor.dtype == target else tensor.astype(target)
 
 
+def cast_parameter(param: Parameter, dtype: ms.Type) -> None:
+    """Convert `param` to `dtype` in place, values included.
+
+    `set_dtype` alone relabels the host copy, which a parameter already on a card does not follow;
+    `set_data` alone casts the new data back to the parameter's old dtype. So: cast with an op, relabel,
+    then hand over the cast data. A parameter not yet initialised (no_init_parameters) has no data.
+    """
+    if param.has_init:
+        param.set_dtype(dtype)
+        return
+    data = param.astype(dtype)
+    param.set_dtype(dtype)
+    param.set_data(data)
+
+
 class ModelMixin(nn.Cell, ConfigMixin):
     """Base of every mindflux model: diffusers' loading, saving and casting story for a Cell."""
 
@@ -137,7 +152,7 @@ class ModelMixin(nn.Cell, ConfigMixin):
             if param.dtype in (ms.float32, ms.float16, ms.bfloat16):
                 target = self._target_dtype(name, dtype)
                 if param.dtype != target:
-                    param.set_dtype(target)
+                    cast_parameter(param, target)
         return self
 
     # ---- loading ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from mindspore import Tensor, ops
 from ..configuration_utils import register_to_config
 from ..latents import standard_normal
 from ..modeling_utils import ModelMixin
+from .attention import AttentionBackendMixin
 from .vae_blocks import Decoder, Encoder, conv2d
 
 AutoencoderKLOutput = namedtuple("AutoencoderKLOutput", ["latent_dist"])
@@ -102,7 +103,7 @@ def _blend(a: Tensor, b: Tensor, extent: int, axis: int) -> Tensor:
     return ops.cat((mixed, b[:, :, :, extent:]), 3) if extent < b.shape[3] else mixed
 
 
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(AttentionBackendMixin, ModelMixin):
     """A KL-regularised VAE: images <-> latents, with diffusers' constructor, names and methods."""
 
     _accepted_class_names = ("AutoencoderKL",)

@@ -8,6 +8,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ..backend import DeviceAware, DevicePolicy
+
 
 def timestep_frequencies(num_channels: int = 256, max_period: float = 10000.0) -> np.ndarray:
     """exp(-ln(max_period) * i / half) for i < half, rounded once to fp32 (what torch computes)."""
@@ -74,25 +76,28 @@ class CombinedTimestepGuidanceTextProjEmbeddings(nn.Cell):
         return temb + self.text_embedder(pooled_projection)
 
 
-class FluxPosEmbed(nn.Cell):
+class FluxPosEmbed(DeviceAware, nn.Cell):
     """Rotary embedding over the 3 id axes (text/frame, row, column).
 
     ids (S, 3) -> (cos, sin), each (S, sum(axes_dim)), every frequency repeated for its pair of
-    channels. Angles are computed in fp64 except on Ascend (no fp64 trig there), as diffusers
-    does on NPU.
+    channels. Angles are computed in fp64 where the device policy allows it; Ascend has no fp64
+    matmul or trig, so there they are fp32, as diffusers does on NPU.
     """
 
-    def __init__(self, theta: int, axes_dim: list[int], use_fp64: bool = True):
+    def __init__(self, theta: int, axes_dim: list[int]):
         super().__init__()
         self.axes_dim = list(axes_dim)
-        dtype = np.float64 if use_fp64 else np.float32
         # One row of inverse frequencies per axis, laid out for a (S, 3) @ (3, D/2) product.
         freqs = np.zeros((len(axes_dim), sum(axes_dim) // 2), dtype=np.float64)
         col = 0
         for axis, dim in enumerate(axes_dim):
             freqs[axis, col: col + dim // 2] = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
             col += dim // 2
-        self.freqs = Tensor(freqs.astype(dtype))
+        self._freqs64 = freqs
+        self.follow_policy()
+
+    def apply_policy(self, device_policy: DevicePolicy) -> None:
+        self.freqs = Tensor(self._freqs64.astype(np.float64 if device_policy.rope_fp64 else np.float32))
 
     def construct(self, ids: Tensor):
         # Each angle is one product pos * freq (the other axes contribute exact zeros).

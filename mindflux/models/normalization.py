@@ -7,41 +7,21 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from ..device import get_device
+from ..backend import DeviceAware, DevicePolicy, PlainLayerNorm
 
 
-class _PlainLayerNormCPU(nn.Cell):
-    """Non-affine LayerNorm with a hand-written backward, dx = rstd * (dy - mean(dy) - y * mean(dy * y)).
+class LayerNorm(DeviceAware, nn.Cell):
+    """LayerNorm over the last axis, optionally affine (then `weight` and `bias`, as torch names them).
 
-    The CPU's LayerNormGrad kernel also reduces the gamma/beta gradients, which a non-affine norm
-    does not need: it took 8 ms per call at 1152 tokens x 512 in the bench's LoRA step, this 2-3 ms.
+    Non-affine, it uses the policy's kernel: on the CPU one with a hand-written backward (`PlainLayerNorm`).
     """
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
-        self._ones = Tensor(np.ones(dim, np.float32))
-        self._zeros = Tensor(np.zeros(dim, np.float32))
-
-    def construct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.layer_norm(x, self._ones.astype(x.dtype), self._zeros.astype(x.dtype))  # y, mean, variance
-
-    def bprop(self, x, out, dout):
-        y, _, variance = out
-        dy = dout[0]
-        dx = ops.rsqrt(variance + self.eps) * (dy - dy.mean(-1, keep_dims=True) - y * (dy * y).mean(-1, keep_dims=True))
-        return (dx,)
-
-
-class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis, optionally affine (then `weight` and `bias`, as torch names them)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True):
         super().__init__()
         self.eps = eps
         self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
-        self.plain_cpu = _PlainLayerNormCPU(dim, eps) if not elementwise_affine and get_device() == "CPU" else None
+        self.plain = PlainLayerNorm(dim, eps) if not elementwise_affine else None
+        self.use_plain = False
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
             self.weight = Parameter(initializer("ones", (dim,), ms.float32))
@@ -51,10 +31,14 @@ class LayerNorm(nn.Cell):
         # The primitive always takes gamma/beta; without affine they are these constants.
         self._ones = Tensor(np.ones(dim, np.float32))
         self._zeros = Tensor(np.zeros(dim, np.float32))
+        self.follow_policy()
+
+    def apply_policy(self, device_policy: DevicePolicy) -> None:
+        self.use_plain = self.plain is not None and device_policy.plain_layer_norm
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.plain_cpu is not None:
-            return self.plain_cpu(x)[0]
+        if self.use_plain:
+            return self.plain(x)[0]
         gamma = self.weight if self.weight is not None else self._ones
         beta = self.bias if self.bias is not None else self._zeros
         return self.layer_norm(x, gamma.astype(x.dtype), beta.astype(x.dtype))[0]

@@ -21,11 +21,11 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..adapters.peft_mixin import PeftAdapterMixin
+from ..backend import AttentionChoice
 from ..configuration_utils import register_to_config
-from ..device import get_device
 from ..modeling_utils import ModelMixin
 from .activations import gelu_tanh
-from .attention import default_attention_backend, scaled_dot_product_attention
+from .attention import AttentionBackendMixin, scaled_dot_product_attention
 from .embeddings import (
     CombinedTimestepGuidanceTextProjEmbeddings,
     CombinedTimestepTextProjEmbeddings,
@@ -75,18 +75,19 @@ class FeedForward(nn.Cell):
         return self.net[2](self.net[0](x))
 
 
-class FluxAttention(nn.Cell):
+class FluxAttention(AttentionChoice, nn.Cell):
     """Multi-head attention with RMS-normed q/k and rotary positions.
 
     Double blocks (`added_kv_proj_dim` set) project the text stream with add_*_proj, attend over
     [text; image] and return (image out, text out). Single blocks (`pre_only`) attend over the
-    joint stream and return the attention output before any projection.
+    joint stream and return the attention output before any projection. The kernel (`self.backend`)
+    is the device policy's choice.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, added_kv_proj_dim: int | None = None,
-                 pre_only: bool = False, eps: float = 1e-6, backend: str = "math"):
+                 pre_only: bool = False, eps: float = 1e-6):
         super().__init__()
-        self.heads, self.head_dim, self.backend = heads, head_dim, backend
+        self.heads, self.head_dim = heads, head_dim
         self.scale = head_dim**-0.5
         self.rotate_pairs = rotate_pairs_matrix(head_dim)
         inner = heads * head_dim
@@ -106,6 +107,7 @@ class FluxAttention(nn.Cell):
             self.norm_added_q = RMSNorm(head_dim, eps)
             self.norm_added_k = RMSNorm(head_dim, eps)
             self.to_add_out = nn.Dense(inner, dim)
+        self.follow_policy()
 
     def _split_heads(self, x: Tensor, proj: nn.Cell, norm: nn.Cell | None) -> Tensor:
         """(B, S, dim) -> (B, H, S, D), RMS-normed per head when `norm` is given."""
@@ -141,13 +143,11 @@ class FluxAttention(nn.Cell):
 class FluxTransformerBlock(nn.Cell):
     """Double-stream block: text and image keep separate weights and meet in joint attention."""
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, eps: float = 1e-6,
-                 backend: str = "math"):
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, eps: float = 1e-6):
         super().__init__()
         self.norm1 = AdaLayerNormZero(dim)
         self.norm1_context = AdaLayerNormZero(dim)
-        self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, added_kv_proj_dim=dim, eps=eps,
-                                  backend=backend)
+        self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, added_kv_proj_dim=dim, eps=eps)
         self.norm2 = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.ff = FeedForward(dim)
         self.norm2_context = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
@@ -173,14 +173,13 @@ class FluxSingleTransformerBlock(nn.Cell):
     """Single-stream block on the joint [text; image] sequence: attention and MLP side by side,
     then one output projection of their concatenation."""
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0,
-                 backend: str = "math"):
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.mlp_hidden_dim = int(dim * mlp_ratio)
         self.norm = AdaLayerNormZeroSingle(dim)
         self.proj_mlp = nn.Dense(dim, self.mlp_hidden_dim)
         self.proj_out = nn.Dense(dim + self.mlp_hidden_dim, dim)
-        self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, pre_only=True, backend=backend)
+        self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, pre_only=True)
 
     def construct(self, hidden_states: Tensor, temb: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x, gate = self.norm(hidden_states, temb)
@@ -190,7 +189,7 @@ class FluxSingleTransformerBlock(nn.Cell):
         return _clip_fp16(hidden_states)
 
 
-class FluxTransformer2DModel(PeftAdapterMixin, ModelMixin):
+class FluxTransformer2DModel(AttentionBackendMixin, PeftAdapterMixin, ModelMixin):
     """The FLUX.1 transformer. Defaults are FLUX.1-dev's / schnell's (guidance_embeds differs)."""
 
     _checkpointed_block_lists = ("transformer_blocks", "single_transformer_blocks")
@@ -218,10 +217,9 @@ class FluxTransformer2DModel(PeftAdapterMixin, ModelMixin):
         self.inner_dim = num_attention_heads * attention_head_dim
         self.guidance_embeds = guidance_embeds
         self.num_rope_axes = len(axes_dims_rope)
-        backend = default_attention_backend()
         dim = self.inner_dim
 
-        self.pos_embed = FluxPosEmbed(10000, list(axes_dims_rope), use_fp64=get_device() != "Ascend")
+        self.pos_embed = FluxPosEmbed(10000, list(axes_dims_rope))
         if guidance_embeds:
             self.time_text_embed = CombinedTimestepGuidanceTextProjEmbeddings(dim, pooled_projection_dim)
         else:
@@ -229,10 +227,10 @@ class FluxTransformer2DModel(PeftAdapterMixin, ModelMixin):
         self.context_embedder = nn.Dense(joint_attention_dim, dim)
         self.x_embedder = nn.Dense(in_channels, dim)
         self.transformer_blocks = nn.CellList(
-            [FluxTransformerBlock(dim, num_attention_heads, attention_head_dim, backend=backend)
+            [FluxTransformerBlock(dim, num_attention_heads, attention_head_dim)
              for _ in range(num_layers)])
         self.single_transformer_blocks = nn.CellList(
-            [FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim, backend=backend)
+            [FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim)
              for _ in range(num_single_layers)])
         self.norm_out = AdaLayerNormContinuous(dim, dim, eps=1e-6)
         self.proj_out = nn.Dense(dim, patch_size * patch_size * self.out_channels)

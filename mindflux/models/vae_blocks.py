@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .attention import default_attention_backend, scaled_dot_product_attention
+from ..backend import AttentionChoice
+from .attention import scaled_dot_product_attention
 from .normalization import GroupNorm
 
 _ACTIVATIONS = {"silu": ops.silu, "swish": ops.silu}
@@ -90,23 +90,23 @@ class Upsample2D(nn.Cell):
         return self.conv(x)
 
 
-class Attention(nn.Cell):
+class Attention(AttentionChoice, nn.Cell):
     """diffusers' Attention as the VAE mid-block builds it: group-norm, self-attention over the H*W
     pixels, output projection, plus the residual, divided by `rescale_output_factor`."""
 
     def __init__(self, query_dim: int, heads: int = 1, dim_head: int = 64, norm_num_groups: int = 32,
-                 eps: float = 1e-6, rescale_output_factor: float = 1.0, backend: str | None = None):
+                 eps: float = 1e-6, rescale_output_factor: float = 1.0):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.head_dim = heads, dim_head
         self.rescale_output_factor = rescale_output_factor
-        self.backend = backend or default_attention_backend()
         self.group_norm = GroupNorm(norm_num_groups, query_dim, eps)
         self.to_q = nn.Dense(query_dim, inner)
         self.to_k = nn.Dense(query_dim, inner)
         self.to_v = nn.Dense(query_dim, inner)
         # index 1 is diffusers' dropout slot, kept so the projection is named to_out.0
         self.to_out = nn.CellList([nn.Dense(inner, query_dim), nn.Identity()])
+        self.follow_policy()
 
     def _heads(self, x: Tensor) -> Tensor:
         b, s, _ = x.shape
@@ -116,9 +116,8 @@ class Attention(nn.Cell):
         b, c, h, w = x.shape
         tokens = self.group_norm(x).reshape(b, c, h * w).transpose(0, 2, 1)  # (B, H*W, C)
         q, k, v = self._heads(self.to_q(tokens)), self._heads(self.to_k(tokens)), self._heads(self.to_v(tokens))
-        # Ascend's fused kernel takes only fp16/bf16; an fp32 VAE (diffusers' default) uses the math path.
-        backend = self.backend if q.dtype in (ms.float16, ms.bfloat16) else "math"
-        out = scaled_dot_product_attention(q, k, v, backend)  # (B, heads, H*W, D)
+        # The policy's kernel; an fp32 VAE (diffusers' default) takes the math path even on Ascend.
+        out = scaled_dot_product_attention(q, k, v, self.backend)  # (B, heads, H*W, D)
         out = out.transpose(0, 2, 1, 3).reshape(b, h * w, self.heads * self.head_dim)
         out = self.to_out[0](out).transpose(0, 2, 1).reshape(b, c, h, w)
         out = out + x

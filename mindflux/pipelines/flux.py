@@ -26,7 +26,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from ..device import get_device
+from ..backend import empty_cache
 from ..device import pynative as _pynative
 from ..latents import (
     calculate_shift,
@@ -191,8 +191,7 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         self.text_encoder_2 = None
         self._text_encoders_released = True
         gc.collect()  # the Parameters' device memory goes back to MindSpore's pool with the last reference
-        if get_device() == "Ascend":
-            ms.runtime.empty_cache()
+        empty_cache()
 
     # ---- 1. inputs ----------------------------------------------------------------------------
     def check_inputs(self, prompt, prompt_2, height: int, width: int, negative_prompt=None, negative_prompt_2=None,

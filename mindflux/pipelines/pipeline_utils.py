@@ -21,8 +21,8 @@ from typing import Any
 import mindspore as ms
 from tqdm.auto import tqdm
 
+from ..backend import synchronize
 from ..configuration_utils import DIFFUSERS_VERSION
-from ..device import get_device
 from ..hub import resolve_pipeline
 from ..modeling_utils import ModelMixin, resolve_dtype
 
@@ -49,12 +49,6 @@ def _pipeline_classes() -> dict[str, type]:
     from .flux import FluxPipeline
 
     return {"FluxPipeline": FluxPipeline}
-
-
-def synchronize() -> None:
-    """Wait for the device to finish queued work, so that wall-clock timings mean something."""
-    if get_device() != "CPU":
-        ms.runtime.synchronize()
 
 
 class DiffusionPipeline:

@@ -170,7 +170,7 @@ class DreamBoothTrainer:
         import mindspore as ms
 
         from .. import AutoencoderKL, set_device
-        from .precision import resolve_weight_dtype
+        from .precision import resolve_mixed_precision, resolve_weight_dtype
 
         args = self.args
         self.device = set_device(args.device, args.mode)
@@ -180,6 +180,7 @@ class DreamBoothTrainer:
                 ms.set_context(gpu_config={"matmul_allow_tf32": True, "conv_allow_tf32": True})
             else:
                 logger.info("--allow_tf32 concerns NVIDIA GPUs; no effect on %s", self.device)
+        args.mixed_precision = resolve_mixed_precision(args.mixed_precision)  # None: the device's default
         self.weight_dtype = resolve_weight_dtype(args.mixed_precision)
         # a Hub / ModelScope repo id becomes its fetched folder, which every later load reads
         folder = args.pretrained_model_name_or_path = resolve_pipeline(
@@ -233,9 +234,7 @@ class DreamBoothTrainer:
         self.setup_optimization()
 
     def make_class_images(self) -> None:
-        import mindspore as ms
-
-        from ..device import supports_half_precision_matmul
+        from ..backend import policy
         from ..modeling_utils import resolve_dtype
         from ..pipelines import FluxPipeline
         from .generation import count_class_images, generate_class_images
@@ -244,9 +243,10 @@ class DreamBoothTrainer:
         dtype = {None: self.weight_dtype, "no": self.weight_dtype, "fp32": "fp32"}.get(args.prior_generation_precision,
                                                                                       args.prior_generation_precision)
         dtype = resolve_dtype(dtype)
-        if dtype != ms.float32 and not supports_half_precision_matmul():
-            raise TrainingError(f"--prior_generation_precision {args.prior_generation_precision} needs a GPU or Ascend "
-                                "device (the CPU has no half-precision matmul); use fp32")
+        try:
+            policy().check_dtype(dtype, "--prior_generation_precision")
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
 
         def factory():
             return FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, mindspore_dtype=dtype)

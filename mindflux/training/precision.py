@@ -5,7 +5,8 @@ no (fp32)           fp32 / fp32                fp32 / fp32              fp32    
 bf16                bf16 / bf16                fp32 / bf16              fp32              none
 fp16                fp16 / fp16                fp32 / fp16              fp32              dynamic
 
-The CPU backend has no bf16/fp16 matmul kernels, so half precision needs a GPU or an Ascend NPU.
+What each device can run, and its default when --mixed_precision is not given (bf16 on Ascend A2,
+fp16 on GPUs and the 910A, fp32 on the CPU), is the device policy's (`mindflux.backend.policy`).
 """
 
 from __future__ import annotations
@@ -13,20 +14,26 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ..device import get_device, supports_half_precision_matmul
+from ..backend import policy
 
-MIXED_PRECISION = {None: ms.float32, "no": ms.float32, "fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}
+MIXED_PRECISION = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_mixed_precision(mixed_precision: str | None) -> str:
+    """--mixed_precision as "no", "bf16" or "fp16": None becomes the device's default; a dtype the
+    device cannot run is a ValueError that says why."""
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of no, fp16, bf16; got {mixed_precision!r}")
+    current = policy()
+    name = current.default_dtype if mixed_precision is None else MIXED_PRECISION[mixed_precision]
+    current.check_dtype(name, "--mixed_precision")
+    return "no" if name == "fp32" else name
 
 
 def resolve_weight_dtype(mixed_precision: str | None) -> ms.Type:
-    """The dtype of the frozen models for --mixed_precision (None/"no": fp32), checked against the device."""
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of no, fp16, bf16; got {mixed_precision!r}")
-    dtype = MIXED_PRECISION[mixed_precision]
-    if dtype != ms.float32 and not supports_half_precision_matmul():
-        raise ValueError(f"--mixed_precision {mixed_precision} needs a GPU or Ascend device: the {get_device()} "
-                         "backend has no bf16/fp16 matmul kernels. Train in fp32 (--mixed_precision no) there.")
-    return dtype
+    """The dtype of the frozen models for --mixed_precision (None: the device's default), checked against
+    the device."""
+    return policy().check_dtype(resolve_mixed_precision(mixed_precision), "--mixed_precision")
 
 
 def freeze(*models, dtype: ms.Type = ms.float32) -> None:

@@ -43,10 +43,11 @@ def peak_memory() -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"host_peak_gib": rss / (1024**3 if sys.platform == "darwin" else 1024**2)}
     try:
-        import mindspore as ms
+        from ..backend import peak_device_memory_gib
 
-        if ms.get_context("device_target") != "CPU":
-            out["device_peak_gib"] = ms.runtime.max_memory_allocated() / 1024**3
+        device_peak = peak_device_memory_gib()
+        if device_peak is not None:
+            out["device_peak_gib"] = device_peak
     except Exception:  # noqa: BLE001 - a missing statistic must not end a finished run
         pass
     return out
