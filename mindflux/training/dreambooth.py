@@ -35,7 +35,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .dataset import DreamBoothDataset, parse_buckets
-from .distributed import DistributedContext, barrier, init_distributed, rank_rows
+from .distributed import DistributedContext, barrier, broadcast_parameters, init_distributed, rank_rows
 from .reporting import TrainingReporter
 
 logger = logging.getLogger("train_dreambooth_lora_flux")
@@ -232,6 +232,7 @@ class DreamBoothTrainer:
         self.setup_prompts()
         self.setup_models()
         self.setup_optimization()
+        broadcast_parameters(self.optimizer.parameters, self.dist)  # identical LoRA init on every rank
 
     def make_class_images(self) -> None:
         from ..backend import policy
@@ -634,6 +635,7 @@ class DreamBoothTrainer:
                         break
                 if args.validation_prompt is not None and epoch % args.validation_epochs == 0:
                     self.validate(epoch)
+                    barrier(self.dist)  # rank 0 validated (and compiled): the others wait here, not in a step
                 epoch += 1
                 batches = None
             return self.finish(epoch)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mindspore as ms
+import numpy as np
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from ..latents import pack_latents
@@ -106,6 +107,32 @@ def clip_grad_norm(grads, max_norm: float | None):
     return tuple(g * coef.astype(g.dtype) for g in grads), norm
 
 
+class FlatGradReducer(nn.Cell):
+    """Data parallelism: the mean over the processes of a loss and every gradient, in ONE AllReduce.
+
+    The gradients (684 LoRA tensors for diffusers' default targets) are cast to fp32, flattened into
+    one buffer with the loss at its end, summed across the processes once and split back. One large
+    collective instead of one per tensor: per-call latency dominates small AllReduces on HCCL/NCCL,
+    and fusion attributes are honoured only by some backends and jit levels, a single buffer by all.
+    The buffer holds every LoRA gradient once more in fp32 (180 MB at rank 16 on FLUX.1-dev).
+    """
+
+    def __init__(self, parameters, world_size: int, all_reduce=None):
+        super().__init__()
+        self.shapes = tuple(tuple(p.shape) for p in parameters)
+        self.sizes = tuple(int(np.prod(s)) for s in self.shapes) + (1,)
+        self.world_size = world_size
+        # `all_reduce` replaceable so that the packing can be tested in one process
+        self.all_reduce = all_reduce if all_reduce is not None else ops.AllReduce()
+
+    def construct(self, loss, grads):
+        flat = ops.cat([g.astype(ms.float32).reshape(-1) for g in grads] + [loss.astype(ms.float32).reshape(1)])
+        flat = self.all_reduce(flat) / self.world_size
+        parts = ops.split(flat, self.sizes)
+        out = tuple(parts[i].reshape(self.shapes[i]).astype(grads[i].dtype) for i in range(len(self.shapes)))
+        return parts[-1].reshape(()).astype(loss.dtype), out
+
+
 class _StepBase(nn.Cell):
     def __init__(self, loss_net: nn.Cell, weights: ParameterTuple, accumulators: ParameterTuple | None,
                  gradient_accumulation_steps: int, loss_scaler: DynamicLossScale | None, world_size: int = 1):
@@ -121,25 +148,19 @@ class _StepBase(nn.Cell):
         self.all_reduce = ops.AllReduce() if world_size > 1 else None
 
     def forward_backward(self, inputs):
-        """loss, grads of loss * loss_scale / accumulation_steps (what torch's backward leaves in .grad).
-        Under data parallelism the returned loss is the mean over the processes (the gradients are
-        averaged once per update, in UpdateStep)."""
+        """loss, grads of loss * loss_scale / accumulation_steps (what torch's backward leaves in .grad),
+        both for this process alone (see average_loss and UpdateStep for the mean over processes)."""
         sens = ops.ones((), ms.float32) / self.accumulation_steps
         if self.loss_scaler is not None:
             sens = sens * self.loss_scaler.scale
         (_, loss), grads = self.grad_fn(sens, *inputs)
-        if self.all_reduce is not None:
-            loss = (self.all_reduce(loss.reshape(1)) / self.world_size).reshape(())  # 0-d AllReduce is not portable
         return loss, grads
 
-    def average_over_processes(self, grads):
-        """Data parallelism: the mean of every process's (accumulated) gradients. Once per update, after
-        accumulation: the sum is linear, so this equals averaging every micro-batch, with 1/N the traffic.
-        Each process's loss is the mean over its equal share of the global batch, so the average is the
-        gradient of the global batch's mean loss, as one process with the whole batch computes it."""
+    def average_loss(self, loss):
+        """Under data parallelism the reported loss is the mean over the processes."""
         if self.all_reduce is None:
-            return grads
-        return tuple(self.all_reduce(g) / self.world_size for g in grads)
+            return loss
+        return (self.all_reduce(loss.reshape(1)) / self.world_size).reshape(())  # 0-d AllReduce is not portable
 
 
 class AccumulateStep(_StepBase):
@@ -148,7 +169,7 @@ class AccumulateStep(_StepBase):
     def construct(self, *inputs):
         loss, grads = self.forward_backward(inputs)
         self.hyper_map(ops.partial(ops.assign_add), self.accumulators, grads)
-        return loss
+        return self.average_loss(loss)
 
 
 class UpdateStep(_StepBase):
@@ -159,13 +180,18 @@ class UpdateStep(_StepBase):
         super().__init__(loss_net, weights, accumulators, gradient_accumulation_steps, loss_scaler, world_size)
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
+        self.reducer = FlatGradReducer(weights, world_size, self.all_reduce) if world_size > 1 else None
 
     def construct(self, lr, *inputs):
         loss, grads = self.forward_backward(inputs)
         if self.accumulators is not None:
             grads = self.hyper_map(ops.add, grads, self.accumulators)
             self.hyper_map(ops.assign, self.accumulators, self.hyper_map(ops.zeros_like, self.accumulators))
-        grads = self.average_over_processes(grads)
+        if self.reducer is not None:
+            # Once per update, after accumulation: the sum is linear, so this equals averaging every
+            # micro-batch with 1/N the traffic. Each process's loss is the mean over its equal share of
+            # the global batch, so the mean gradient is the global batch's, as one process computes it.
+            loss, grads = self.reducer(loss, grads)
         if self.loss_scaler is not None:
             inverse = 1.0 / self.loss_scaler.scale
             grads = self.hyper_map(ops.partial(ops.mul, inverse), grads)
