@@ -11,14 +11,18 @@ docs/demo.md), with the prompt "a red circle on a white background" unless one i
 --model is a local pipeline folder as diffusers' save_pretrained writes it (model_index.json and
 transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), e.g. one
 downloaded with `huggingface-cli download black-forest-labs/FLUX.1-schnell --local-dir FLUX.1-schnell`.
-Image k of every prompt uses seed --seed + k; files are named NNN_seedS.png and carry the prompt,
-seed, steps, guidance and model in their PNG text metadata.
+Image k of every prompt uses seed --seed + k; files are named NNN_seedS.png, numbered on from the
+highest NNN already in --output_dir (no earlier picture is ever replaced), and carry the prompt, seed,
+steps, guidance and model in their PNG text metadata. Ctrl-C (or SIGTERM) keeps the PNGs finished so
+far and ends with status 130 (143); an image that comes out NaN/inf is reported, not saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ log: errors only (set GLOG_v=2 to see its warnings)
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
+MAX_LORA_SCALE = 100.0  # beyond this a LoRA only destroys the image (common scales are 0.5-2, sliders +-5)
 
 
 class CLIError(Exception):
@@ -66,15 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "a warning, then rounded down to one, as diffusers does")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's size); rounded down to a "
                                              "multiple of 16 like --height")
-    p.add_argument("--steps", type=int, help="denoising steps (default 28; 4 for schnell, which has no guidance "
-                                             "embedding)")
+    p.add_argument("--num_inference_steps", "--steps", type=int, dest="num_inference_steps",
+                   help="denoising steps (default 28; 4 for schnell, which has no guidance embedding); --steps is an "
+                        "alias")
     p.add_argument("--guidance_scale", type=float, default=3.5,
                    help="embedded guidance of FLUX.1-dev (default 3.5); schnell ignores it")
     p.add_argument("--true_cfg_scale", type=float, default=1.0,
                    help="true CFG scale; above 1 with --negative_prompt, every step runs the transformer twice")
     p.add_argument("--max_sequence_length", type=int,
                    help="T5 tokens (default: the T5 tokenizer's model_max_length, 512 for FLUX.1; at most 512)")
-    p.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k (default 0; >= 0)")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file (diffusers, kohya, ComfyUI, BFL or XLabs format) and its scale (default 1.0);"
@@ -90,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free CLIP and T5 (9.8 GB in bf16) after encoding every prompt, before denoising")
     p.add_argument("--vae_tiling", action="store_true",
                    help="VAE-decode in overlapping 512-pixel tiles (less memory; FLUX's own tile size is 1024)")
-    p.add_argument("--output_dir", default="outputs", help="where the PNGs go (default outputs/)")
+    p.add_argument("--output_dir", default="outputs",
+                   help="where the PNGs go (default outputs/); numbering continues after the files already there")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
@@ -99,9 +106,15 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
         try:
-            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
         except OSError as err:
             raise CLIError(f"cannot read --prompt_file {args.prompt_file}: {err.strerror or err}") from None
+        except UnicodeDecodeError as err:
+            raise CLIError(f"--prompt_file {args.prompt_file} is not UTF-8 text (byte {err.start}: "
+                           f"{err.object[err.start:err.start + 1]!r}); give a text file, one prompt a line") from None
+        if "\x00" in text:
+            raise CLIError(f"--prompt_file {args.prompt_file} holds NUL bytes: not a text file")
+        lines = text.splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts and getattr(args, "demo", False):
         from mindflux.demo.model import DEMO_PROMPT
@@ -131,10 +144,15 @@ def check_args(args) -> list[tuple[str, float]]:
         raise CLIError(f"--model {args.model} is neither a folder nor a Hub repo id (org/name)")
     elif not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise CLIError(f"--model {args.model} has no model_index.json: not a diffusers pipeline folder")
-    for name in ("height", "width", "num_images", "steps", "max_sequence_length"):
+    for name in ("height", "width", "num_images", "num_inference_steps", "max_sequence_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name} must be positive; got {value}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0 (image k uses seed + k); got {args.seed}")
+    for name in ("guidance_scale", "true_cfg_scale"):
+        if not math.isfinite(getattr(args, name)):
+            raise CLIError(f"--{name} must be a finite number; got {getattr(args, name)}")
     if args.max_sequence_length is not None and args.max_sequence_length > 512:
         raise CLIError(f"--max_sequence_length cannot be greater than 512 but is {args.max_sequence_length}")
     for name in ("height", "width"):  # once here, rather than a warning from the pipeline for every image
@@ -147,11 +165,20 @@ def check_args(args) -> list[tuple[str, float]]:
                   file=sys.stderr)
             setattr(args, name, rounded)
     loras = [parse_lora(spec) for spec in args.lora]
-    for path, _ in loras:
+    for path, scale in loras:
         if not os.path.exists(path):
             raise CLIError(f"LoRA file {path} does not exist")
+        if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+            raise CLIError(f"--lora {path}:{scale:g}: the scale must be a finite number within "
+                           f"+-{MAX_LORA_SCALE:g}")
     if args.fuse_lora and not loras:
         raise CLIError("--fuse_lora needs at least one --lora")
+    from mindflux.outputs import check_writable_folder
+
+    try:  # now, not after minutes of loading
+        check_writable_folder(args.output_dir)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     return loras
 
 
@@ -184,11 +211,13 @@ def png_info(metadata: dict[str, object]):
     return info
 
 
-def run(args) -> None:
+def run(args, saved: list[str]) -> None:
+    """Generate every image; `saved` collects the paths written (kept when interrupted)."""
     loras = check_args(args)
     prompts = read_prompts(args)
 
     import mindspore as ms
+    import numpy as np
 
     import mindflux
     from mindflux import FluxPipeline
@@ -210,7 +239,7 @@ def run(args) -> None:
     load_s = time.perf_counter() - start
 
     schnell = not pipe.transformer.config.guidance_embeds
-    steps = args.steps or (4 if schnell else 28)
+    steps = args.num_inference_steps or (4 if schnell else 28)
     do_cfg = args.negative_prompt is not None and args.true_cfg_scale > 1
     if args.negative_prompt is not None and not do_cfg:
         print("note: --negative_prompt is used only with --true_cfg_scale > 1", flush=True)
@@ -227,10 +256,13 @@ def run(args) -> None:
     if args.release_text_encoders:
         pipe.release_text_encoders()
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    from PIL import Image
+
+    from mindflux.outputs import next_free_index, save_new_image
+
     total = len(prompts) * args.num_images
-    step_s, first_steps_s, decode_s = [], [], []
-    index = 0
+    step_s, first_steps_s, decode_s, bad = [], [], [], []
+    index, number = 0, next_free_index(args.output_dir)
     for prompt, (prompt_embeds, pooled) in zip(prompts, encoded):
         for k in range(args.num_images):
             seed = args.seed + k
@@ -241,27 +273,38 @@ def run(args) -> None:
                 stamps.append(time.perf_counter())
                 return {}
 
-            pipe.set_progress_bar_config(desc=f"image {index + 1}/{total}", leave=False)
-            image = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative[0],
+            first = " (the first step includes the graph compile)" if index == 0 and args.mode == "graph" else ""
+            pipe.set_progress_bar_config(desc=f"image {index + 1}/{total}{first}", leave=False)
+            array = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative[0],
                          negative_pooled_prompt_embeds=negative[1], true_cfg_scale=args.true_cfg_scale,
                          height=args.height, width=args.width, num_inference_steps=steps,
-                         guidance_scale=args.guidance_scale, generator=seed, output_type="pil",
+                         guidance_scale=args.guidance_scale, generator=seed, output_type="np",
                          callback_on_step_end=stamp).images[0]
             between = [b - a for a, b in zip(stamps, stamps[1:])]
             step_s += between
             first_steps_s.append(pipe.timings["denoising_s"] - sum(between))
             decode_s.append(pipe.timings["decoding_s"])
+            if not np.isfinite(array).all():  # would be saved as a black picture
+                bad.append(f"image {index + 1} (seed {seed}, prompt {prompt[:40]!r})")
+                print(f"error: image {index + 1} (seed {seed}) came out NaN/inf: not saved", file=sys.stderr,
+                      flush=True)
+                index += 1
+                continue
+            image = Image.fromarray((array * 255).round().astype(np.uint8))  # as the pipeline's "pil" output
             metadata = {"prompt": prompt, "negative_prompt": args.negative_prompt if do_cfg else None, "seed": seed,
                         "steps": steps, "guidance_scale": None if schnell else args.guidance_scale,
                         "true_cfg_scale": args.true_cfg_scale if do_cfg else None, "height": image.height,
                         "width": image.width, "model": os.path.basename(os.path.normpath(args.model)),
                         "lora": " ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras) or None,
                         "dtype": dtype, "software": f"mindflux {mindflux.__version__}, MindSpore {ms.__version__}"}
-            path = os.path.join(args.output_dir, f"{index:03d}_seed{seed}.png")
-            image.save(path, pnginfo=png_info(metadata))
+            path, number = save_new_image(image, args.output_dir, number, f"seed{seed}", pnginfo=png_info(metadata))
+            saved.append(path)
             print(f"{path}  ({prompt[:60]}{'...' if len(prompt) > 60 else ''})", flush=True)
-            index += 1
+            index, number = index + 1, number + 1
 
+    if bad:
+        raise CLIError(f"{len(bad)} of {total} images came out NaN/inf and were not saved ({'; '.join(bad[:3])}): "
+                       "check the model, the LoRAs and their scales, or use --dtype fp32")
     # The first step of the first image includes graph compilation (graph mode) or kernel set-up.
     per_step = statistics.median(step_s) if step_s else first_steps_s[0]
     print(f"timing: load {load_s:.1f} s | text encoding {encode_s:.2f} s ({len(prompts)} prompt"
@@ -271,21 +314,35 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Blocked before MindSpore starts any thread (they inherit the mask); see mindflux/interrupts.py.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
     try:
-        run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError) as err:
-        if args.debug:
-            raise
-        if isinstance(err, CLIError) and "\n" in str(err):  # a list (e.g. a LoRA's unloadable keys): shown whole
-            print(f"generate.py: error: {err}", file=sys.stderr)
+        return _main(argv)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _main(argv: list[str] | None) -> int:
+    from mindflux.interrupts import exit_code, interrupt_guard
+
+    saved: list[str] = []
+    with interrupt_guard("generate.py"):
+        args = build_parser().parse_args(argv)
+        try:
+            run(args, saved)
+        except KeyboardInterrupt as err:
+            kept = f"{len(saved)} finished image(s) kept in {args.output_dir}" if saved else "no image was finished"
+            print(f"generate.py: interrupted; {kept}", file=sys.stderr)
+            return exit_code(err)
+        except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError) as err:
+            if args.debug:
+                raise
+            if isinstance(err, CLIError) and "\n" in str(err):  # a list (e.g. a LoRA's unloadable keys): shown whole
+                print(f"generate.py: error: {err}", file=sys.stderr)
+                return EXIT_ERROR
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"generate.py: error: {message}", file=sys.stderr)
             return EXIT_ERROR
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"generate.py: error: {message[:600]}{'...' if len(message) > 600 else ''}", file=sys.stderr)
-        return EXIT_ERROR
     return 0
 
 

@@ -66,6 +66,30 @@ def fp8_bits_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(bits, np.uint8).view(fp8).astype(np.float32)
 
 
+# 16-bit float dtype -> (|bits| mask, lowest |bits| that is inf or NaN); numpy has no BF16 and is slow on F16,
+# so their stored bits are checked directly (no widening)
+_NON_FINITE_BITS = {"F16": (0x7FFF, 0x7C00), "BF16": (0x7FFF, 0x7F80)}
+_CHUNK = 1 << 18  # elements per pass: the temporaries stay in cache (about 1 G elements/s on one core)
+
+
+def has_non_finite(array: np.ndarray, dtype: str) -> bool:
+    """Whether a stored tensor of safetensors dtype `dtype` holds NaN or inf."""
+    if dtype not in ("F64", "F32", "F16", "BF16") or array.size == 0:
+        return False
+    flat = array.reshape(-1)
+    if dtype in _NON_FINITE_BITS:
+        mask, first = _NON_FINITE_BITS[dtype]
+        flat = flat.view(np.uint16)
+        tmp = np.empty(min(_CHUNK, flat.size), np.uint16)
+        for start in range(0, flat.size, _CHUNK):
+            part = flat[start:start + _CHUNK]
+            out = np.bitwise_and(part, np.uint16(mask), out=tmp[: part.size])
+            if int(out.max()) >= first:
+                return True
+        return False
+    return not all(np.isfinite(flat[start:start + _CHUNK]).all() for start in range(0, flat.size, _CHUNK))
+
+
 class SafetensorsFile:
     """A memory-mapped safetensors file. `get(name)` returns (numpy array, dtype name)."""
 
@@ -92,6 +116,7 @@ class SafetensorsFile:
                 f"{self.path} is truncated: its header describes {self._data_start + end} bytes, the file has {size}"
             )
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if header and end > 0 else None
+        self._checked: set[str] = set()
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -112,7 +137,13 @@ class SafetensorsFile:
         if self._mmap is None or end == begin:
             return np.zeros(shape, dtype=_NP_DTYPES[dtype]), dtype
         buf = self._mmap[self._data_start + begin : self._data_start + end]
-        return buf.view(_NP_DTYPES[dtype]).reshape(shape), dtype
+        array = buf.view(_NP_DTYPES[dtype]).reshape(shape)
+        if name not in self._checked:  # NaN/inf weights would give black images or a useless LoRA, silently
+            if has_non_finite(array, dtype):
+                raise SafetensorsError(f"{self.path}: tensor {name!r} holds NaN or inf values; the file is damaged "
+                                       "(or was saved from a diverged run) and is not loaded")
+            self._checked.add(name)
+        return array, dtype
 
     def get_float32(self, name: str) -> np.ndarray:
         """The tensor widened to fp32 (exact for F16, BF16 and fp8)."""

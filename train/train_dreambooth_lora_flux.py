@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -52,7 +53,8 @@ def _bool(value: str) -> bool:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="train_dreambooth_lora_flux.py", description="DreamBooth LoRA training of FLUX.1 (mindflux).")
+    p = _Parser(prog="train_dreambooth_lora_flux.py", description="DreamBooth LoRA training of FLUX.1 (mindflux).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--pretrained_model_name_or_path", type=str, default=None, required=True,
       help="A diffusers-format FLUX folder (transformer/, vae/, scheduler/, text encoders and tokenizers) or a "
@@ -92,7 +94,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
       help="Train a LoRA on CLIP too (T5 stays frozen), at --text_encoder_lr.")
     a("--train_batch_size", type=int, default=4, help="Batch size (per device).")
     a("--sample_batch_size", type=int, default=4, help="Batch size for sampling class images.")
-    a("--num_train_epochs", type=int, default=1)
+    a("--num_train_epochs", type=int, default=1, help="Epochs to train (unless --max_train_steps is set).")
     a("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides num_train_epochs.")
     a("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every X updates.")
     a("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go first).")
@@ -120,31 +122,34 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
       help='"AdamW" (torch.optim.AdamW\'s numbers), "prodigy" (prodigyopt\'s) or "AdamWeightDecay" (MindSpore\'s, '
            'no bias correction).')
     a("--use_8bit_adam", action="store_true", help="8-bit Adam (not supported).")
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--prodigy_beta3", type=float, default=None)
-    a("--prodigy_decouple", type=_bool, default=True)
+    a("--adam_beta1", type=float, default=0.9, help="Beta1 of AdamW and prodigy.")
+    a("--adam_beta2", type=float, default=0.999, help="Beta2 of AdamW and prodigy.")
+    a("--prodigy_beta3", type=float, default=None, help="Prodigy's beta3 (None: the square root of beta2).")
+    a("--prodigy_decouple", type=_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay.")
     a("--adam_weight_decay", type=float, default=1e-04, help="Weight decay of the LoRA parameters.")
-    a("--adam_weight_decay_text_encoder", type=float, default=1e-03)
+    a("--adam_weight_decay_text_encoder", type=float, default=1e-03,
+      help="Weight decay of the text encoder's LoRA parameters.")
     a("--lora_layers", type=str, default=None,
       help='Comma-separated transformer modules to train, e.g. "to_k,to_q,to_v,to_out.0".')
-    a("--adam_epsilon", type=float, default=1e-08)
-    a("--prodigy_use_bias_correction", type=_bool, default=True)
-    a("--prodigy_safeguard_warmup", type=_bool, default=True)
+    a("--adam_epsilon", type=float, default=1e-08, help="Epsilon of AdamW and prodigy.")
+    a("--prodigy_use_bias_correction", type=_bool, default=True, help="Prodigy: Adam's bias correction.")
+    a("--prodigy_safeguard_warmup", type=_bool, default=True,
+      help="Prodigy: no D estimate growth during warmup.")
     a("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
     a("--push_to_hub", action="store_true", help="Push to the hub (not supported).")
-    a("--hub_token", type=str, default=None)
-    a("--hub_model_id", type=str, default=None)
+    a("--hub_token", type=str, default=None, help="Hub token (not supported).")
+    a("--hub_model_id", type=str, default=None, help="Hub repository (not supported).")
     a("--logging_dir", type=str, default="logs", help="Under --output_dir: train_log.jsonl and TensorBoard events.")
     a("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on NVIDIA GPUs (no effect elsewhere).")
     a("--cache_latents", action="store_true", default=False, help="Encode the images once and keep the latents.")
     a("--report_to", type=str, default=None,
-      help='"tensorboard" (the default when tensorboardX is installed; pip install mindflux[tensorboard]) or "none". '
-           "A JSON-lines log is always written.")
+      help='"tensorboard" or "none"; unset: TensorBoard when tensorboardX is installed (pip install '
+           'mindflux[tensorboard]), else the JSON-lines log only, which is always written.')
     a("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
       help="Frozen weights in bf16/fp16 (GPU or Ascend); LoRA weights stay fp32.")
     a("--upcast_before_saving", action="store_true", default=False, help="Save the LoRA in fp32.")
-    a("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"])
+    a("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+      help="Precision of the class image generation (None: the weights' precision).")
     a("--local_rank", type=int, default=-1, help="Accepted for launchers; under msrun the rank comes from the cluster.")
     # mindflux's own
     a("--device", type=str, default="auto", help="auto (Ascend, then GPU, then CPU), cpu, gpu or ascend.")
@@ -160,6 +165,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
       help="Also write pytorch_lora_weights_kohya.safetensors (kohya format, for ComfyUI).")
     a("--validation_resolution", type=int, default=None, help="Validation image size (default: the pipeline's, 1024).")
     a("--num_inference_steps", type=int, default=28, help="Denoising steps of validation and class images.")
+    a("--overwrite_output_dir", action="store_true",
+      help="Start a fresh run in an --output_dir that holds an earlier run's LoRA or checkpoints; its files are moved "
+           "into <output_dir>/previous-N (not deleted).")
     a("--precomputed_prompt_embeds", type=str, default=None,
       help="A safetensors file with prompt_embeds (L, D) and pooled_prompt_embeds (P,) (and class_prompt_embeds, "
            "class_pooled_prompt_embeds with prior preservation), used instead of the text encoders.")
@@ -201,6 +209,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--caption_dropout must be in [0, 1]; got {args.caption_dropout}")
     if args.dataloader_num_workers < 0:
         p.error(f"--dataloader_num_workers must be >= 0; got {args.dataloader_num_workers}")
+    from mindflux.training.argument_checks import check_training_values
+
+    problem = check_training_values(vars(args))
+    if problem:
+        p.error(problem)
     if args.report_to is not None and args.report_to.lower() not in ("tensorboard", "all", "none"):
         p.error(f"--report_to {args.report_to}: mindflux reports to tensorboard or none (wandb and comet_ml are not "
                 "supported)")
@@ -208,23 +221,38 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Parse, train, and turn every expected failure into one line on stderr and exit status 1."""
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings would bury the progress bar
-    from mindflux.modeling_utils import WeightsLoadingError
-    from mindflux.safetensors_io import SafetensorsError
-    from mindflux.training.dreambooth import train
-
+    """Parse, train, and turn every expected failure into one line on stderr and exit status 1;
+    SIGINT / SIGTERM end it with 130 / 143, one line naming the last checkpoint, and no traceback."""
+    # Blocked before MindSpore starts any thread (they inherit the mask); see mindflux/interrupts.py.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
     try:
-        train(args)
-    except KeyboardInterrupt:
-        print("train_dreambooth_lora_flux.py: interrupted; the checkpoints written so far are complete",
-              file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FloatingPointError, WeightsLoadingError, SafetensorsError, OSError) as err:
-        print(f"train_dreambooth_lora_flux.py: error: {err}", file=sys.stderr)
-        return 1
+        return _run(argv)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _run(argv: list[str] | None) -> int:
+    from mindflux.interrupts import exit_code, interrupt_guard
+
+    with interrupt_guard("train_dreambooth_lora_flux.py"):
+        args = parse_args(argv)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings would bury the progress bar
+        from mindflux.modeling_utils import WeightsLoadingError
+        from mindflux.safetensors_io import SafetensorsError
+        from mindflux.training.dreambooth import train
+        from mindflux.training.output_dir import interrupted_message
+
+        try:
+            train(args)
+        except KeyboardInterrupt as err:
+            print(f"train_dreambooth_lora_flux.py: interrupted; {interrupted_message(args.output_dir)}",
+                  file=sys.stderr)
+            return exit_code(err)
+        except (ValueError, FileNotFoundError, FloatingPointError, WeightsLoadingError, SafetensorsError,
+                OSError) as err:
+            print(f"train_dreambooth_lora_flux.py: error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

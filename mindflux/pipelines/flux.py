@@ -318,7 +318,9 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         cfg = self.vae.config
         latents = denormalize_latents(latents, cfg.scaling_factor, cfg.shift_factor or 0.0)
         image = self.vae.decode(latents.astype(self.vae.dtype), return_dict=False)[0]  # (B, 3, H, W), ~[-1, 1]
-        return ops.clamp(image.astype(ms.float32) * 0.5 + 0.5, 0.0, 1.0)
+        image = image.astype(ms.float32) * 0.5 + 0.5
+        # NaN stays NaN, as with torch's clamp (MindSpore's makes it 0): a broken image must not pass for black
+        return ops.where(ops.isnan(image), image, ops.clamp(image, 0.0, 1.0))
 
     @staticmethod
     def postprocess(image: Tensor, output_type: str = "pil"):

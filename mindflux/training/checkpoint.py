@@ -4,7 +4,8 @@
         pytorch_lora_weights.safetensors   the LoRA weights in diffusers' format (loadable as a LoRA)
         training_state.safetensors         optimizer state, loss scale (fp16), ... by Parameter name
         training_state.json                step, epoch, position in the epoch, the epoch's batch order,
-                                           LR schedule position, host RNG states, seed; written last
+                                           LR schedule position, host RNG states, seed, and the
+                                           arguments that define the run ("run"); written last
 
 A checkpoint is written into `checkpoint-<step>.tmp-<pid>` and renamed when complete, so a job
 killed while writing leaves the earlier checkpoints as they were and no half checkpoint under a
@@ -73,6 +74,26 @@ def read_state(path: str) -> dict[str, Any]:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+
+
+def check_resume(path: str, saved: dict[str, Any], run: dict[str, Any] | None = None,
+                 max_train_steps: int | None = None) -> None:
+    """Refuse, before anything is written, a checkpoint this run cannot continue: one already past
+    --max_train_steps (it would train nothing and overwrite the final LoRA with its own), or one written by a
+    run of another model, data set or LoRA shape (`run`: output_dir.run_identity of the arguments)."""
+    step = int(saved.get("global_step", 0))
+    if max_train_steps is not None and step > max_train_steps:
+        raise CheckpointError(f"checkpoint {path} is at step {step}, past --max_train_steps {max_train_steps}: "
+                              "it belongs to a longer run; raise --max_train_steps, or start a fresh run "
+                              "(--overwrite_output_dir moves the old files aside)")
+    recorded = saved.get("run")
+    if run is None or not isinstance(recorded, dict):
+        return  # written before runs were recorded
+    changed = [f"--{k} {recorded[k]!r} -> {run[k]!r}" for k in recorded if k in run and recorded[k] != run[k]]
+    if changed:
+        raise CheckpointError(f"checkpoint {path} belongs to another run: {'; '.join(changed)}. Resume with the "
+                              "same model, data and LoRA arguments, or start a fresh run (--overwrite_output_dir "
+                              "moves the old files aside)")
 
 
 def _named_parameters(cells: dict[str, Any], exclude: set[int]):

@@ -22,6 +22,7 @@ all there is to save.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import numpy as np
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 CAPTION_KEYS = ("text", "caption", "prompt")
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -53,6 +56,8 @@ def load_image(path: str):
     try:
         with Image.open(path) as opened:
             image = exif_transpose(opened)
+            if image.mode.startswith("I"):
+                image = _high_bit_depth_to_8bit(image)
             if image.mode in ("RGBA", "LA", "P", "PA"):
                 # composite transparency over white rather than letting convert() expose what is under it
                 rgba = image.convert("RGBA")
@@ -64,6 +69,19 @@ def load_image(path: str):
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
     return image
+
+
+def _high_bit_depth_to_8bit(image):
+    """16-bit (or 32-bit integer) greyscale scaled by its bit depth to 8-bit "L": PIL's convert("RGB")
+    clips such values at 255, which makes a 16-bit photo all white."""
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or values.max(initial=0) <= 65535:
+        depth_max = 65535.0  # PNG/TIFF 16-bit greyscale (Pillow may open it as "I")
+    else:
+        depth_max = float(2**32 - 1)
+    return Image.fromarray(np.clip(np.round(values / depth_max * 255.0), 0, 255).astype(np.uint8), mode="L")
 
 
 def parse_buckets(spec: str | None, multiple: int = 16) -> list[tuple[int, int]] | None:
@@ -230,10 +248,16 @@ class DreamBoothDataset:
                 decoded = list(pool.map(decode, paths))
         else:
             decoded = [decode(p) for p in paths]
-        out = []
-        for image in decoded:
+        out, tiny = [], []
+        for path, image in zip(paths, decoded):
             h, w = self.buckets[nearest_bucket(image.height, image.width, self.buckets)]
+            if image.height * 2 < h or image.width * 2 < w:
+                tiny.append(f"{path} ({image.width}x{image.height})")
             out.append(resize_and_crop(image, h, w, self.center_crop, rng))
+        if tiny:  # scaled up this far they train blur
+            logger.warning("%d image(s) are smaller than half the training size %s and are scaled up: %s%s",
+                           len(tiny), "x".join(map(str, self.buckets[0][::-1])) if len(self.buckets) == 1
+                           else "(their bucket)", ", ".join(tiny[:3]), " ..." if len(tiny) > 3 else "")
         return out
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ import numpy as np
 from ..device import pynative as _pynative
 from ..hub import resolve_pipeline
 from .checkpoint import (
+    check_resume,
     load_checkpoint_tensors,
     load_parameters_state,
     parameters_state,
@@ -36,6 +37,7 @@ from .checkpoint import (
 )
 from .dataset import DreamBoothDataset, parse_buckets
 from .distributed import DistributedContext, barrier, broadcast_parameters, init_distributed, rank_rows
+from .output_dir import claim_output_dir, run_identity
 from .reporting import TrainingReporter
 
 logger = logging.getLogger("train_dreambooth_lora_flux")
@@ -192,6 +194,8 @@ class DreamBoothTrainer:
         self.resume_path = (resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
                             if args.resume_from_checkpoint else None)
         self.saved = read_state(self.resume_path) if self.resume_path else None
+        if self.saved is not None:
+            check_resume(self.resume_path, self.saved, run_identity(args), args.max_train_steps)
         self.global_batch = args.train_batch_size * self.dist.world_size
         if self.saved is not None:
             for key, value in (("global_batch_size", self.global_batch),
@@ -496,6 +500,7 @@ class DreamBoothTrainer:
             "rng": {"data": rng_state(self.data_rng), "step": rng_state(self.step_rng)},
             "seed_entropy": self.seed_entropy, "global_batch_size": self.global_batch,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": self.dist.world_size,
+            "run": run_identity(args),
         }
         tensors = parameters_state(self.stateful_cells(), exclude=self.optimizer.parameters)
         return save_checkpoint(args.output_dir, self.train_step.global_step, self.write_lora, tensors, state,
@@ -506,6 +511,7 @@ class DreamBoothTrainer:
         from ..lora import read_lora
 
         saved, path = self.saved, self.resume_path
+        check_resume(path, saved, max_train_steps=self.max_train_steps)  # also when derived from the epochs
         lora, _ = read_lora(path)
         models = {"transformer": self.transformer, "text_encoder": self.text_encoder}
         for component, model in models.items():
@@ -708,4 +714,6 @@ class DreamBoothTrainer:
 
 def train(args) -> str | None:
     """Run DreamBooth LoRA training with the script's arguments; returns the LoRA file's path (rank 0)."""
-    return DreamBoothTrainer(args).run()
+    with claim_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint),
+                          overwrite=getattr(args, "overwrite_output_dir", False), logging_dir=args.logging_dir):
+        return DreamBoothTrainer(args).run()

@@ -78,8 +78,9 @@ class TrainingReporter:
                 if required:
                     raise ValueError("--report_to tensorboard needs tensorboardX: pip install mindflux[tensorboard] "
                                      "(or pass --report_to none)") from None
-                logger.warning("tensorboardX is not installed: no TensorBoard logs (pip install mindflux[tensorboard]; "
-                               "--report_to none silences this). The JSON-lines log is %s", self.log_path)
+                # the default on a default install: a note, not a warning (asked for by name, it is an error)
+                logger.info("TensorBoard logs need tensorboardX (pip install mindflux[tensorboard]); the JSON-lines "
+                            "log is %s", self.log_path)
             else:
                 self.writer = SummaryWriter(logging_dir)
                 if config:
@@ -87,6 +88,8 @@ class TrainingReporter:
         from tqdm.auto import tqdm
 
         self.progress = tqdm(total=total_steps, initial=initial_step, desc="Steps", dynamic_ncols=True)
+        if (config or {}).get("mode", "graph") == "graph":  # the first update waits for the compile (minutes for FLUX)
+            self.progress.set_postfix_str("the first step includes the graph compile")
 
     def log_step(self, step: int, epoch: int, loss: float, lr: float, grad_norm: float | None = None) -> dict:
         """Record one update (step = the global step after it)."""
