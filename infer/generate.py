@@ -12,9 +12,12 @@ docs/demo.md), with the prompt "a red circle on a white background" unless one i
 transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), e.g. one
 downloaded with `huggingface-cli download black-forest-labs/FLUX.1-schnell --local-dir FLUX.1-schnell`.
 Image k of every prompt uses seed --seed + k; files are named NNN_seedS.png, numbered on from the
-highest NNN already in --output_dir (no earlier picture is ever replaced), and carry the prompt, seed,
-steps, guidance and model in their PNG text metadata. Ctrl-C (or SIGTERM) keeps the PNGs finished so
-far and ends with status 130 (143); an image that comes out NaN/inf is reported, not saved.
+highest NNN already in --output_dir plus the image's index in the run (no earlier picture is ever
+replaced), and carry the prompt, seed, steps, guidance, model and --cache in their PNG text metadata;
+images.jsonl gets one line per image (prompt, seed, file, seconds). Under msrun each process makes
+every N-th image and writes images.rankR.jsonl (see docs/inference.md). Ctrl-C (or SIGTERM) keeps the
+PNGs finished so far and ends with status 130 (143); an image that comes out NaN/inf is reported,
+not saved.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free CLIP and T5 (9.8 GB in bf16) after encoding every prompt, before denoising")
     p.add_argument("--vae_tiling", action="store_true",
                    help="VAE-decode in overlapping 512-pixel tiles (less memory; FLUX's own tile size is 1024)")
+    p.add_argument("--cache", metavar="KIND:THRESHOLD",
+                   help="skip denoising steps whose input barely changed: fbcache:0.12 (first-block cache, as "
+                        "diffusers') or teacache:0.4 (TeaCache); see docs/performance.md for which to choose")
     p.add_argument("--output_dir", default="outputs",
                    help="where the PNGs go (default outputs/); numbering continues after the files already there")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -221,9 +227,17 @@ def run(args, saved: list[str]) -> None:
 
     import mindflux
     from mindflux import FluxPipeline
+    from mindflux.inference import RecordWriter, plan_images, shard_jobs, start_clock, summarize
+    from mindflux.models.cache_utils import parse_cache_config
     from mindflux.pipelines.pipeline_utils import synchronize
 
+    cache = parse_cache_config(args.cache) if args.cache else None  # a bad --cache fails before loading
+
     device = mindflux.set_device(args.device, args.mode)
+    from mindflux.training.distributed import init_distributed
+
+    context = init_distributed()  # under msrun: this process's share of the images (mindflux/inference/batch.py)
+    jobs = shard_jobs(plan_images(prompts, args.num_images, args.seed), context.rank, context.world_size)
     dtype = args.dtype or ("fp32" if device == "CPU" else "bf16")
     if device == "CPU" and dtype != "fp32":
         raise CLIError(f"--dtype {dtype} needs an Ascend or GPU device (the CPU backend has no half-precision "
@@ -236,6 +250,8 @@ def run(args, saved: list[str]) -> None:
         load_loras(pipe, loras, args.fuse_lora)
     if args.vae_tiling:
         pipe.enable_vae_tiling(tile_sample_min_size=512)
+    if cache is not None:
+        pipe.transformer.enable_cache(cache)
     load_s = time.perf_counter() - start
 
     schnell = not pipe.transformer.config.guidance_embeds
@@ -248,7 +264,8 @@ def run(args, saved: list[str]) -> None:
     if args.release_text_encoders:
         pipe.enable_text_encoder_release()  # encoded op by op: compiled encoders could not be freed
     start = time.perf_counter()
-    encoded = [pipe.encode_prompt(p, max_sequence_length=args.max_sequence_length)[:2] for p in prompts]
+    encoded = {i: pipe.encode_prompt(prompts[i], max_sequence_length=args.max_sequence_length)[:2]
+               for i in sorted({job.prompt_index for job in jobs})}
     negative = pipe.encode_prompt(args.negative_prompt, max_sequence_length=args.max_sequence_length)[:2] \
         if do_cfg else (None, None)
     synchronize()
@@ -260,55 +277,66 @@ def run(args, saved: list[str]) -> None:
 
     from mindflux.outputs import next_free_index, save_new_image
 
-    total = len(prompts) * args.num_images
+    # Numbers go on after the files already there (every rank reads the folder before any writes), and
+    # each image's number is its global index on top: ranks never pick the same name, nothing is replaced.
+    base = next_free_index(args.output_dir)
+    total = len(jobs)
     step_s, first_steps_s, decode_s, bad = [], [], [], []
-    index, number = 0, next_free_index(args.output_dir)
-    for prompt, (prompt_embeds, pooled) in zip(prompts, encoded):
-        for k in range(args.num_images):
-            seed = args.seed + k
-            stamps: list[float] = []
+    records = RecordWriter(args.output_dir, context)
+    start_all = start_clock(context)
+    for index, job in enumerate(jobs):
+        prompt, seed, (prompt_embeds, pooled) = job.prompt, job.seed, encoded[job.prompt_index]
+        started = time.perf_counter()
+        stamps: list[float] = []
 
-            def stamp(pipeline, step, timestep, callback_kwargs, stamps=stamps):
-                synchronize()  # the device runs ahead of Python; a FLUX step is long enough not to notice
-                stamps.append(time.perf_counter())
-                return {}
+        def stamp(pipeline, step, timestep, callback_kwargs, stamps=stamps):
+            synchronize()  # the device runs ahead of Python; a FLUX step is long enough not to notice
+            stamps.append(time.perf_counter())
+            return {}
 
-            first = " (the first step includes the graph compile)" if index == 0 and args.mode == "graph" else ""
-            pipe.set_progress_bar_config(desc=f"image {index + 1}/{total}{first}", leave=False)
-            array = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative[0],
-                         negative_pooled_prompt_embeds=negative[1], true_cfg_scale=args.true_cfg_scale,
-                         height=args.height, width=args.width, num_inference_steps=steps,
-                         guidance_scale=args.guidance_scale, generator=seed, output_type="np",
-                         callback_on_step_end=stamp).images[0]
-            between = [b - a for a, b in zip(stamps, stamps[1:])]
-            step_s += between
-            first_steps_s.append(pipe.timings["denoising_s"] - sum(between))
-            decode_s.append(pipe.timings["decoding_s"])
-            if not np.isfinite(array).all():  # would be saved as a black picture
-                bad.append(f"image {index + 1} (seed {seed}, prompt {prompt[:40]!r})")
-                print(f"error: image {index + 1} (seed {seed}) came out NaN/inf: not saved", file=sys.stderr,
-                      flush=True)
-                index += 1
-                continue
-            image = Image.fromarray((array * 255).round().astype(np.uint8))  # as the pipeline's "pil" output
-            metadata = {"prompt": prompt, "negative_prompt": args.negative_prompt if do_cfg else None, "seed": seed,
-                        "steps": steps, "guidance_scale": None if schnell else args.guidance_scale,
-                        "true_cfg_scale": args.true_cfg_scale if do_cfg else None, "height": image.height,
-                        "width": image.width, "model": os.path.basename(os.path.normpath(args.model)),
-                        "lora": " ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras) or None,
-                        "dtype": dtype, "software": f"mindflux {mindflux.__version__}, MindSpore {ms.__version__}"}
-            path, number = save_new_image(image, args.output_dir, number, f"seed{seed}", pnginfo=png_info(metadata))
-            saved.append(path)
-            print(f"{path}  ({prompt[:60]}{'...' if len(prompt) > 60 else ''})", flush=True)
-            index, number = index + 1, number + 1
+        first = " (the first step includes the graph compile)" if index == 0 and args.mode == "graph" else ""
+        pipe.set_progress_bar_config(desc=f"image {index + 1}/{total}{first}", leave=False)
+        array = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative[0],
+                     negative_pooled_prompt_embeds=negative[1], true_cfg_scale=args.true_cfg_scale,
+                     height=args.height, width=args.width, num_inference_steps=steps,
+                     guidance_scale=args.guidance_scale, generator=seed, output_type="np",
+                     callback_on_step_end=stamp).images[0]
+        between = [b - a for a, b in zip(stamps, stamps[1:])]
+        step_s += between
+        first_steps_s.append(pipe.timings["denoising_s"] - sum(between))
+        decode_s.append(pipe.timings["decoding_s"])
+        if not np.isfinite(array).all():  # would be saved as a black picture
+            bad.append(f"image {job.index + 1} (seed {seed}, prompt {prompt[:40]!r})")
+            print(f"error: image {job.index + 1} (seed {seed}) came out NaN/inf: not saved", file=sys.stderr,
+                  flush=True)
+            continue
+        image = Image.fromarray((array * 255).round().astype(np.uint8))  # as the pipeline's "pil" output
+        metadata = {"prompt": prompt, "negative_prompt": args.negative_prompt if do_cfg else None, "seed": seed,
+                    "steps": steps, "guidance_scale": None if schnell else args.guidance_scale,
+                    "true_cfg_scale": args.true_cfg_scale if do_cfg else None, "height": image.height,
+                    "width": image.width, "model": os.path.basename(os.path.normpath(args.model)),
+                    "lora": " ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras) or None,
+                    "cache": str(cache) if cache else None, "cache_skipped_steps": len(
+                        pipe.transformer.cache_skipped_steps["cond"]) if cache else None,
+                    "dtype": dtype, "software": f"mindflux {mindflux.__version__}, MindSpore {ms.__version__}"}
+        path, _ = save_new_image(image, args.output_dir, base + job.index, f"seed{seed}", pnginfo=png_info(metadata))
+        saved.append(path)
+        records.write(job, os.path.basename(path), time.perf_counter() - started)
+        print(f"{path}  ({prompt[:60]}{'...' if len(prompt) > 60 else ''})", flush=True)
+    records.close()
+    summary = summarize(context, len(jobs) - len(bad), start_all)  # waits for every process
+    if summary:
+        print(summary, flush=True)
+    if not jobs:
+        return
 
     if bad:
         raise CLIError(f"{len(bad)} of {total} images came out NaN/inf and were not saved ({'; '.join(bad[:3])}): "
                        "check the model, the LoRAs and their scales, or use --dtype fp32")
     # The first step of the first image includes graph compilation (graph mode) or kernel set-up.
     per_step = statistics.median(step_s) if step_s else first_steps_s[0]
-    print(f"timing: load {load_s:.1f} s | text encoding {encode_s:.2f} s ({len(prompts)} prompt"
-          f"{'s' if len(prompts) > 1 else ''}) | denoising {per_step:.3f} s/step (median; the first step "
+    print(f"timing: load {load_s:.1f} s | text encoding {encode_s:.2f} s ({len(encoded)} prompt"
+          f"{'s' if len(encoded) > 1 else ''}) | denoising {per_step:.3f} s/step (median; the first step "
           f"{first_steps_s[0]:.2f} s, with {args.mode} start-up) | decoding {statistics.median(decode_s):.2f} s/image"
           f" | {total} image{'s' if total > 1 else ''} in {args.output_dir}")
 

@@ -10,12 +10,19 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "None of PyTo
 
 from .device import get_device, set_device  # noqa: E402
 from .modeling_utils import ModelMixin, WeightsLoadingError  # noqa: E402
-from .models import AutoencoderKL, CLIPTextModel, FluxTransformer2DModel, T5EncoderModel  # noqa: E402
+from .models import (  # noqa: E402
+    AutoencoderKL,
+    CLIPTextModel,
+    FirstBlockCacheConfig,
+    FluxTransformer2DModel,
+    T5EncoderModel,
+    TeaCacheConfig,
+)
 from .pipelines import DiffusionPipeline, FluxPipeline, FluxPipelineOutput  # noqa: E402
 from .schedulers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoencoderKL", "CLIPTextModel", "DiffusionPipeline", "FlowMatchEulerDiscreteScheduler", "FluxPipeline",
-           "FluxPipelineOutput", "FluxTransformer2DModel", "ModelMixin", "T5EncoderModel", "WeightsLoadingError",
-           "get_device", "set_device"]
+__all__ = ["AutoencoderKL", "CLIPTextModel", "DiffusionPipeline", "FirstBlockCacheConfig",
+           "FlowMatchEulerDiscreteScheduler", "FluxPipeline", "FluxPipelineOutput", "FluxTransformer2DModel",
+           "ModelMixin", "T5EncoderModel", "TeaCacheConfig", "WeightsLoadingError", "get_device", "set_device"]

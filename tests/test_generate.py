@@ -31,7 +31,7 @@ def test_writes_pngs_named_by_index_and_seed_with_metadata(tmp_path, capsys):
                                    "--height", 40, "--width", 32, "--output_dir", tmp_path / "out"], capsys)
     assert rc == 0, err
     assert "--height 40 is not a multiple of 16; rounded down to 32" in err
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert files == ["000_seed5.png", "001_seed5.png"]
     image = Image.open(tmp_path / "out" / "001_seed5.png")
     assert image.size == (32, 32)

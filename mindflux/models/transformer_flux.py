@@ -26,6 +26,7 @@ from ..configuration_utils import register_to_config
 from ..modeling_utils import ModelMixin
 from .activations import gelu_tanh
 from .attention import AttentionBackendMixin, scaled_dot_product_attention
+from .cache_utils import CacheMixin
 from .embeddings import (
     CombinedTimestepGuidanceTextProjEmbeddings,
     CombinedTimestepTextProjEmbeddings,
@@ -189,10 +190,12 @@ class FluxSingleTransformerBlock(nn.Cell):
         return _clip_fp16(hidden_states)
 
 
-class FluxTransformer2DModel(AttentionBackendMixin, PeftAdapterMixin, ModelMixin):
-    """The FLUX.1 transformer. Defaults are FLUX.1-dev's / schnell's (guidance_embeds differs)."""
+class FluxTransformer2DModel(CacheMixin, AttentionBackendMixin, PeftAdapterMixin, ModelMixin):
+    """The FLUX.1 transformer. Defaults are FLUX.1-dev's / schnell's (guidance_embeds differs).
+    `enable_cache(FirstBlockCacheConfig(...))` skips steps; see cache_utils.py."""
 
     _checkpointed_block_lists = ("transformer_blocks", "single_transformer_blocks")
+    _cache_output_class = Transformer2DModelOutput
 
     @register_to_config
     def __init__(
@@ -253,11 +256,13 @@ class FluxTransformer2DModel(AttentionBackendMixin, PeftAdapterMixin, ModelMixin
         if unknown:
             logger.warning("joint_attention_kwargs %s are not used and will be ignored", unknown)
         scale = attention_kwargs.get("scale", 1.0)
+        # With a step cache (enable_cache) the forward runs as two compiled parts; see cache_utils.py.
+        forward = self._cached_forward if self.is_cache_enabled else super().__call__
         if scale == 1.0:
-            return super().__call__(**bound.arguments)
+            return forward(**bound.arguments)
         previous = self.set_lora_scale(scale)
         try:
-            return super().__call__(**bound.arguments)
+            return forward(**bound.arguments)
         finally:
             self.set_lora_scale(previous)
 
@@ -303,8 +308,22 @@ class FluxTransformer2DModel(AttentionBackendMixin, PeftAdapterMixin, ModelMixin
     ):
         self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                            guidance)
+        hidden_states, encoder_hidden_states, temb, cos, sin = self._embed_inputs(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+        for block in self.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, cos, sin)
+        hidden_states = self._single_blocks(encoder_hidden_states, hidden_states, temb, cos, sin)
+
+        output = self.proj_out(self.norm_out(hidden_states, temb))
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _embed_inputs(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                      guidance):
+        """Everything before the first block: (hidden_states, encoder_hidden_states, temb, cos, sin)."""
         dtype = self.x_embedder.weight.dtype
-        batch, text_len = hidden_states.shape[0], encoder_hidden_states.shape[1]
+        batch = hidden_states.shape[0]
         hidden_states = self.x_embedder(hidden_states.astype(dtype))
         encoder_hidden_states = self.context_embedder(encoder_hidden_states.astype(dtype))
         pooled_projections = pooled_projections.astype(dtype)
@@ -321,16 +340,13 @@ class FluxTransformer2DModel(AttentionBackendMixin, PeftAdapterMixin, ModelMixin
         if img_ids.ndim == 3:
             img_ids = img_ids[0]
         cos, sin = self.pos_embed(ops.cat((txt_ids, img_ids), 0))
+        return hidden_states, encoder_hidden_states, temb, cos, sin
 
-        for block in self.transformer_blocks:
-            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, cos, sin)
-        # The single blocks share one joint sequence, so it is concatenated once, not per block.
+    def _single_blocks(self, encoder_hidden_states, hidden_states, temb, cos, sin):
+        """The single blocks; returns the image tokens. They share one joint sequence, so it is
+        concatenated once, not per block."""
+        text_len = encoder_hidden_states.shape[1]
         joint = ops.cat((encoder_hidden_states, hidden_states), 1)
         for block in self.single_transformer_blocks:
             joint = block(joint, temb, cos, sin)
-        hidden_states = joint[:, text_len:]
-
-        output = self.proj_out(self.norm_out(hidden_states, temb))
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return joint[:, text_len:]

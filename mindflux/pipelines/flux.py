@@ -431,24 +431,27 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         # 5. denoising loop: the transformer compiles once per shape in graph mode; the scheduler runs here
         start = time.perf_counter()
         self.scheduler.set_begin_index(0)
+        self.transformer.reset_cache(len(timesteps))  # a step cache (enable_cache) starts afresh per call
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
                 timestep = Tensor(np.full((batch,), t, np.float32)).astype(latents.dtype) / 1000
-                noise_pred = self.transformer(
-                    hidden_states=latents, timestep=timestep, guidance=guidance,
-                    pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-                    img_ids=latent_image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
-                    return_dict=False)[0]  # (B*n, N, 64)
-                if do_true_cfg:
-                    neg_noise_pred = self.transformer(
+                with self.transformer.cache_context("cond"):
+                    noise_pred = self.transformer(
                         hidden_states=latents, timestep=timestep, guidance=guidance,
-                        pooled_projections=negative_pooled_prompt_embeds,
-                        encoder_hidden_states=negative_prompt_embeds, txt_ids=negative_text_ids,
-                        img_ids=latent_image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
-                        return_dict=False)[0]
+                        pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds,
+                        txt_ids=text_ids, img_ids=latent_image_ids,
+                        joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False)[0]  # (B*n, N, 64)
+                if do_true_cfg:
+                    with self.transformer.cache_context("uncond"):
+                        neg_noise_pred = self.transformer(
+                            hidden_states=latents, timestep=timestep, guidance=guidance,
+                            pooled_projections=negative_pooled_prompt_embeds,
+                            encoder_hidden_states=negative_prompt_embeds, txt_ids=negative_text_ids,
+                            img_ids=latent_image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
+                            return_dict=False)[0]
                     noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:

@@ -59,6 +59,8 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
         ("mindspore", "dump_pipeline:write_mindflux_copy"),
         ("torch", "dump_pipeline:load_mindflux_copy"),
     ],
+    # after pipeline: runs its tiny_flux folder with diffusers' FirstBlockCacheConfig
+    "cache": [("torch", "dump_cache:make_reference")],
 }
 
 
