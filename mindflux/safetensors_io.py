@@ -93,8 +93,11 @@ def has_non_finite(array: np.ndarray, dtype: str) -> bool:
 class SafetensorsFile:
     """A memory-mapped safetensors file. `get(name)` returns (numpy array, dtype name)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, check_finite: bool = True):
+        """`check_finite`: refuse float tensors holding NaN/inf when they are read (weights); data files such as
+        test fixtures may hold them on purpose."""
         self.path = str(path)
+        self.check_finite = check_finite
         try:
             size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
@@ -138,7 +141,8 @@ class SafetensorsFile:
             return np.zeros(shape, dtype=_NP_DTYPES[dtype]), dtype
         buf = self._mmap[self._data_start + begin : self._data_start + end]
         array = buf.view(_NP_DTYPES[dtype]).reshape(shape)
-        if name not in self._checked:  # NaN/inf weights would give black images or a useless LoRA, silently
+        # NaN/inf weights would give black images or a useless LoRA, silently
+        if self.check_finite and name not in self._checked:
             if has_non_finite(array, dtype):
                 raise SafetensorsError(f"{self.path}: tensor {name!r} holds NaN or inf values; the file is damaged "
                                        "(or was saved from a diverged run) and is not loaded")
@@ -158,9 +162,9 @@ class SafetensorsFile:
             yield name, arr, dtype
 
 
-def load_file(path: str) -> dict[str, np.ndarray]:
+def load_file(path: str, check_finite: bool = True) -> dict[str, np.ndarray]:
     """All tensors of a file as numpy arrays, BF16 widened to fp32. For small files (LoRAs, fixtures)."""
-    f = SafetensorsFile(path)
+    f = SafetensorsFile(path, check_finite)
     return {name: f.get_float32(name) if f.dtype(name) in ("BF16", "F16", *FP8_DTYPES) else f.get(name)[0]
             for name in f.keys()}
 
