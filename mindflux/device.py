@@ -26,8 +26,9 @@ _INSTALL_HINT = {
 }
 
 
-class DeviceNotAvailableError(RuntimeError):
-    """The device asked for cannot be used here; the message says what is missing and how to install it."""
+class DeviceNotAvailableError(OSError):
+    """The device asked for cannot be used here; the message says what is missing and how to install it.
+    An OSError (EnvironmentError): the scripts report it in one line, like a missing file."""
 
 
 def _plugin_available(device: str) -> bool:

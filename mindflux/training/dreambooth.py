@@ -169,6 +169,7 @@ class DreamBoothTrainer:
         import mindspore as ms
 
         from .. import AutoencoderKL, set_device
+        from ..backend.memory import check_model_fits
         from .precision import resolve_mixed_precision, resolve_weight_dtype
 
         args = self.args
@@ -183,6 +184,9 @@ class DreamBoothTrainer:
         self.weight_dtype = resolve_weight_dtype(args.mixed_precision)
         folder = args.pretrained_model_name_or_path
         check_model_folder(folder)
+        check_model_fits(folder, {"no": "fp32"}.get(args.mixed_precision, args.mixed_precision), args.resolution,
+                         args.resolution, args.max_sequence_length, "--mixed_precision", args.train_batch_size,
+                         training=True, gradient_checkpointing=args.gradient_checkpointing)
         if self.dist.enabled and args.seed is None:
             raise TrainingError("--seed is required under msrun: every process draws the same host random numbers "
                                 "and keeps its share")
