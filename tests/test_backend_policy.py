@@ -112,3 +112,24 @@ def test_fp32_that_cannot_fit_is_refused_with_the_estimate():
         check_fits(dev, "fp32", seq, "--dtype", available_gib=40.0)
     check_fits(dev, "bf16", seq, "--dtype", available_gib=40.0)
     assert estimate_transformer_gib(dev, "bf16", seq, flash_attention=True) == pytest.approx(22.17, abs=0.01)
+
+
+def test_set_device_reapplies_the_policy_to_models_built_before(monkeypatch):
+    """A model built before set_device("ascend") takes Ascend's choices (MindSpore's device faked: no card here)."""
+    import importlib
+
+    import mindflux
+
+    policy_module = importlib.import_module("mindflux.backend.policy")  # the package's `policy` is the function
+
+    transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+    attn = transformer.single_transformer_blocks[0].attn
+    assert attn.backend == "math" and transformer.pos_embed.freqs.dtype == ms.float64
+    monkeypatch.setattr(policy_module, "get_device", lambda: "Ascend")
+    monkeypatch.setattr(policy_module, "read_soc_version", lambda: "Ascend910B4")
+    mindflux.set_device("cpu", "pynative")  # what MindSpore runs on is faked above; set_device tells the models
+    assert attn.backend == "flash" and transformer.pos_embed.freqs.dtype == ms.float32
+    assert not transformer.transformer_blocks[0].norm2.use_plain
+    monkeypatch.undo()
+    mindflux.set_device("cpu", "pynative")
+    assert attn.backend == "math" and transformer.transformer_blocks[0].norm2.use_plain
