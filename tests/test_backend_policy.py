@@ -68,6 +68,12 @@ def test_a_missing_device_names_what_to_install(monkeypatch, caplog):
     assert "GPU driver is present (/proc/driver/nvidia/version) but MindSpore" in caplog.text
 
 
+def test_gpus_newer_than_the_wheels_cuda_are_named():
+    assert device.gpu_support_warning((8, 0), "A100") is None and device.gpu_support_warning((8, 6)) is None
+    assert "H200 is sm_90" in device.gpu_support_warning((9, 0), "H200")
+    assert "CUDA >= 11.8" in device.gpu_support_warning((8, 9), "L4")
+
+
 def test_models_follow_the_policy_and_set_attention_backend():
     transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
     attn = transformer.transformer_blocks[0].attn
