@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " repeat for several")
     p.add_argument("--fuse_lora", action="store_true", help="add the LoRAs into the weights (faster steps)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                   help="weights and compute dtype (default bf16 on Ascend/GPU, fp32 on the CPU)")
+                   help="weights and compute dtype (default: bf16 on Ascend Atlas A2, fp16 on GPUs and the Ascend "
+                        "910A, fp32 on the CPU; fp32 on a card is refused when FLUX cannot fit)")
     p.add_argument("--device", default="auto", choices=["auto", "ascend", "gpu", "cpu"],
                    help="default: Ascend, then GPU, then CPU")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"],
@@ -227,9 +228,10 @@ def run(args, saved: list[str]) -> None:
 
     import mindflux
     from mindflux import FluxPipeline
+    from mindflux.backend import policy, synchronize
+    from mindflux.backend.memory import check_model_fits
     from mindflux.inference import RecordWriter, plan_images, shard_jobs, start_clock, summarize
     from mindflux.models.cache_utils import parse_cache_config
-    from mindflux.pipelines.pipeline_utils import synchronize
 
     cache = parse_cache_config(args.cache) if args.cache else None  # a bad --cache fails before loading
 
@@ -238,10 +240,11 @@ def run(args, saved: list[str]) -> None:
 
     context = init_distributed()  # under msrun: this process's share of the images (mindflux/inference/batch.py)
     jobs = shard_jobs(plan_images(prompts, args.num_images, args.seed), context.rank, context.world_size)
-    dtype = args.dtype or ("fp32" if device == "CPU" else "bf16")
-    if device == "CPU" and dtype != "fp32":
-        raise CLIError(f"--dtype {dtype} needs an Ascend or GPU device (the CPU backend has no half-precision "
-                       "matmul); use --dtype fp32")
+    device_policy = policy()
+    dtype = args.dtype or device_policy.default_dtype
+    device_policy.check_dtype(dtype, "--dtype")
+    check_model_fits(args.model, dtype, args.height or 1024, args.width or 1024, args.max_sequence_length or 512,
+                     "--dtype")  # images are made one at a time
     print(f"device {device}, {args.mode} mode, {dtype}; loading {args.model}", flush=True)
 
     start = time.perf_counter()

@@ -26,8 +26,9 @@ _INSTALL_HINT = {
 }
 
 
-class DeviceNotAvailableError(RuntimeError):
-    """The device asked for cannot be used here; the message says what is missing and how to install it."""
+class DeviceNotAvailableError(OSError):
+    """The device asked for cannot be used here; the message says what is missing and how to install it.
+    An OSError (EnvironmentError): the scripts report it in one line, like a missing file."""
 
 
 def _plugin_available(device: str) -> bool:
@@ -51,6 +52,27 @@ def unavailable_reason(device: str) -> str:
     found = (f"the {device} driver is present ({evidence}) but MindSpore {ms.__version__} could not load its "
              f"{device} plugin" if evidence else f"no {device} was found on this machine (no driver)")
     return f"{found}: {_INSTALL_HINT[device]}"
+
+
+def gpu_support_warning(capability: tuple[int, int], name: str = "this GPU") -> str | None:
+    """Why a GPU whose plugin loaded may still fail: MindSpore 2.7.1's GPU kernels are built with CUDA 11.1 /
+    11.6, whose newest targets are sm_86 (Ampere); Ada (sm_89) and Hopper (sm_90) need CUDA >= 11.8."""
+    if tuple(capability) <= (8, 6):
+        return None
+    return (f"{name} is sm_{capability[0]}{capability[1]}, but MindSpore {ms.__version__}'s GPU plugins are built "
+            "for CUDA 11.1 / 11.6 (up to sm_86); this GPU needs CUDA >= 11.8: kernels may fail to launch. "
+            "See docs/install.md's hardware table.")
+
+
+def _check_gpu(device_id: int) -> None:
+    try:
+        capability = ms.hal.get_device_capability(device_id)
+        name = ms.hal.get_device_name(device_id)
+    except Exception:  # noqa: BLE001 - the query is advisory; the plugin itself loaded
+        return
+    warning = gpu_support_warning(tuple(capability), name)
+    if warning:
+        logger.warning(warning)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -100,6 +122,8 @@ def set_device(device: str = "auto", mode: str = "graph", device_id: int | None 
         ms.set_device(target)
     else:
         ms.set_device(target, device_id)
+    if target == "GPU":
+        _check_gpu(device_id)
     # Graph mode compiles at MindSpore's default jit level (O0, kernel by kernel, on Atlas A2), which
     # supports every op mindflux uses; a Cell can opt into fusion with Cell.set_jit_config(JitConfig("O1")).
     ms.set_context(mode=_MODES[mode])

@@ -51,7 +51,7 @@ def test_writes_pngs_named_by_index_and_seed_with_metadata(tmp_path, capsys):
     (["--model", str(MODEL / "vae"), "--prompt", "x"], "has no model_index.json"),
     (["--model", "/no/such/folder", "--prompt", "x"], "is neither a folder nor a Hub repo id"),
     (BASE, "no prompt"),
-    (BASE + ["--prompt", "x", "--dtype", "bf16"], "needs an Ascend or GPU device"),
+    (BASE + ["--prompt", "x", "--dtype", "bf16"], "needs a GPU or Ascend device"),
     (BASE + ["--prompt", "x", "--lora", "/no/such/lora.safetensors:0.7"], "LoRA file /no/such/lora.safetensors does"),
     (BASE + ["--prompt", "x", "--max_sequence_length", "513"], "cannot be greater than 512"),
 ])

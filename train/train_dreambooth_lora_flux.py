@@ -146,7 +146,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
       help='"tensorboard" or "none"; unset: TensorBoard when tensorboardX is installed (pip install '
            'mindflux[tensorboard]), else the JSON-lines log only, which is always written.')
     a("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-      help="Frozen weights in bf16/fp16 (GPU or Ascend); LoRA weights stay fp32.")
+      help="Frozen weights in bf16/fp16; LoRA weights stay fp32. Default: the device's (bf16 on Ascend Atlas A2, "
+           "fp16 on GPUs and the Ascend 910A, fp32 ('no') on the CPU); fp32 on a card is refused when FLUX cannot fit.")
     a("--upcast_before_saving", action="store_true", default=False, help="Save the LoRA in fp32.")
     a("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
       help="Precision of the class image generation (None: the weights' precision).")

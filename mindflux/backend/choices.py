@@ -9,11 +9,14 @@ compiled keeps the choices it was compiled with; MindSpore cannot change device 
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 from .policy import DevicePolicy, on_policy_change, policy
 
+logger = logging.getLogger(__name__)
 _alive: weakref.WeakSet = weakref.WeakSet()
+_warned: set[str] = set()
 
 
 class DeviceAware:
@@ -49,10 +52,10 @@ class AttentionChoice(DeviceAware):
     def apply_policy(self, device_policy: DevicePolicy) -> None:
         chosen = "flash" if device_policy.flash_attention else "math"
         if self.attention_override == "flash" and not device_policy.flash_attention:
-            import logging
-
-            logging.getLogger(__name__).warning("attention backend 'flash' was set, but %s has no flash attention "
-                                                "kernel: using 'math'", device_policy.family)
+            if device_policy.family not in _warned:  # once, not once per attention layer
+                _warned.add(device_policy.family)
+                logger.warning("attention backend 'flash' was set, but %s has no flash attention kernel: using "
+                               "'math'", device_policy.family)
         elif self.attention_override is not None:
             chosen = self.attention_override
         self.backend = chosen

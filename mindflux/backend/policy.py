@@ -44,6 +44,11 @@ class DevicePolicy:
     plain_layer_norm: bool      # the hand-written non-affine LayerNorm backward (faster on the CPU)
     refused: tuple[tuple[str, str], ...] = ()   # (dtype, why) for the dtypes this device cannot run
 
+    @property
+    def lazy_inline(self) -> bool:
+        """mindspore.lazy_inline (one compiled graph per block class) is documented for Ascend only."""
+        return self.device == "Ascend"
+
     def attention_backend(self, dtype: ms.Type) -> str:
         """"flash" where the fused kernel exists and takes `dtype` (fp16/bf16), else "math"."""
         return "flash" if self.flash_attention and dtype in (ms.float16, ms.bfloat16) else "math"

@@ -38,3 +38,14 @@ def device_memory_gib(device_id: int = 0) -> float | None:
     except Exception:  # noqa: BLE001 - a plugin without the query: the caller skips its check
         return None
 
+
+
+def allow_tf32() -> bool:
+    """TF32 matmuls and convolutions on NVIDIA GPUs (diffusers' --allow_tf32); False (nothing done) elsewhere."""
+    if get_device() != "GPU":
+        return False
+    from mindspore.device_context.gpu import op_precision  # the API that replaces set_context(gpu_config=...)
+
+    op_precision.matmul_allow_tf32(True)
+    op_precision.conv_allow_tf32(True)
+    return True

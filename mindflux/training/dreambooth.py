@@ -68,11 +68,10 @@ class PromptTable:
 
 
 def _free_memory() -> None:
-    import mindspore as ms
+    from ..backend import empty_cache
 
     gc.collect()
-    if ms.get_context("device_target") == "Ascend":
-        ms.runtime.empty_cache()
+    empty_cache()
 
 
 def check_model_folder(folder: str) -> None:
@@ -172,22 +171,24 @@ class DreamBoothTrainer:
         import mindspore as ms
 
         from .. import AutoencoderKL, set_device
+        from ..backend import allow_tf32
+        from ..backend.memory import check_model_fits
         from .precision import resolve_mixed_precision, resolve_weight_dtype
 
         args = self.args
         self.device = set_device(args.device, args.mode)
         self.dist: DistributedContext = init_distributed()
-        if args.allow_tf32:
-            if self.device == "GPU":
-                ms.set_context(gpu_config={"matmul_allow_tf32": True, "conv_allow_tf32": True})
-            else:
-                logger.info("--allow_tf32 concerns NVIDIA GPUs; no effect on %s", self.device)
+        if args.allow_tf32 and not allow_tf32():
+            logger.info("--allow_tf32 concerns NVIDIA GPUs; no effect on %s", self.device)
         args.mixed_precision = resolve_mixed_precision(args.mixed_precision)  # None: the device's default
         self.weight_dtype = resolve_weight_dtype(args.mixed_precision)
         # a Hub / ModelScope repo id becomes its fetched folder, which every later load reads
         folder = args.pretrained_model_name_or_path = resolve_pipeline(
             args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
         check_model_folder(folder)
+        check_model_fits(folder, {"no": "fp32"}.get(args.mixed_precision, args.mixed_precision), args.resolution,
+                         args.resolution, args.max_sequence_length, "--mixed_precision", args.train_batch_size,
+                         training=True, gradient_checkpointing=args.gradient_checkpointing)
         if self.dist.enabled and args.seed is None:
             raise TrainingError("--seed is required under msrun: every process draws the same host random numbers "
                                 "and keeps its share")
