@@ -24,3 +24,19 @@ def test_blocks_are_reused_on_ascend_only_and_lora_layouts_split_the_key(monkeyp
     assert double[0].cell_init_args != double[1].cell_init_args
     assert single[0].cell_init_args == single[1].cell_init_args != keys[2]  # same layout: still shared
     assert "(4, 32)" in double[0].cell_init_args and "(2, 32)" in double[1].cell_init_args
+
+
+def test_tiles_compile_one_graph_in_graph_mode_with_diffusers_numbers(graph_mode):
+    """Tiled encode/decode take a dynamic-shape input in graph mode (one compile for the edge tiles too);
+    the numbers stay diffusers' (the fixture test of test_autoencoder_kl.py runs PyNative)."""
+    from mindflux import AutoencoderKL
+    from tests.conftest import max_abs_diff
+    from tests.test_autoencoder_kl import CASES, DUMPS, IMAGE, LATENTS, TILE_SAMPLE, TOL
+
+    vae = AutoencoderKL.from_pretrained(str(DUMPS / "tiny"))
+    vae.enable_tiling(tile_sample_min_size=TILE_SAMPLE)
+    assert max_abs_diff(vae.decode(LATENTS).sample, CASES["tiny_tiled.decoded"]) <= TOL
+    assert max_abs_diff(vae.encode(IMAGE).latent_dist.mean, CASES["tiny_tiled.mean"]) <= TOL
+    assert vae.decoder.get_inputs() is None and vae.encoder.get_inputs() is None  # untiled calls stay static
+    vae.disable_tiling()
+    assert max_abs_diff(vae.decode(LATENTS).sample, CASES["tiny.decoded"]) <= TOL
