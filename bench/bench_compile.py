@@ -10,6 +10,8 @@ Each variant runs in a fresh process:
 - cache cold / cache warm: MindSpore's compile cache (MS_COMPILER_CACHE_ENABLE=1 with a fresh
   MS_COMPILER_CACHE_PATH), first a process that writes it, then one that reads it.
 The second call's time is printed too: compile-time changes must not slow the step down.
+`--vae` times a tiled decode whose edge tiles are smaller (four tile shapes): per-shape graphs against
+the library's one dynamic-shape graph for all tiles.
 """
 
 from __future__ import annotations
@@ -60,14 +62,55 @@ def child(name: str, variant: str) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def child_vae(variant: str) -> dict:
+    """A tiled decode of 40x40 latents in 16-latent tiles (stride 12: tiles of 16 and 4) with a small VAE."""
+    import mindspore as ms
+    import numpy as np
+
+    import mindflux
+    from mindflux import AutoencoderKL
+    from mindflux.models import autoencoder_kl
+
+    mindflux.set_device("cpu", "graph")
+    ms.set_seed(0)
+    if variant == "per_shape":  # what the library did before: each tile shape compiles its own graph
+        autoencoder_kl._AnyTileShape.__enter__ = lambda self: None
+        autoencoder_kl._AnyTileShape.__exit__ = lambda self, *exc: None
+    vae = AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, norm_num_groups=32,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    vae.enable_tiling(tile_sample_min_size=32)
+    z = ms.Tensor(np.random.default_rng(0).standard_normal((1, 16, 40, 40)).astype(np.float32))
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        out = vae.decode(z).sample.asnumpy()
+        times.append(time.perf_counter() - start)
+    return {"first_s": times[0], "second_s": times[1], "checksum": float(np.abs(out).sum()),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def report(results: dict) -> None:
+    base = next(iter(results.values()))
+    for variant, r in results.items():
+        same = "same output" if abs(r["checksum"] - base["checksum"]) <= 1e-4 * base["checksum"] else \
+            f"OUTPUT DIFFERS ({r['checksum']:.6g} vs {base['checksum']:.6g})"
+        print(f"  {variant:<12} first call {r['first_s']:6.1f} s (x{r['first_s'] / base['first_s']:.2f}), "
+              f"second {r['second_s']:6.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.1f} GB, {same}", flush=True)
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--vae", action="store_true", help="time tiled VAE decoding instead")
     args = parser.parse_args()
     if args.child:
-        emit(child(*args.child))
+        emit(child_vae(args.child[1]) if args.child[0] == "vae" else child(*args.child))
         return
     script = os.path.abspath(__file__)
+    if args.vae:
+        print("tiled VAE decode, 40x40 latents in tiles of 16 (edge tiles 4): four tile shapes", flush=True)
+        report({variant: run_child(script, ["vae", variant]) for variant in ("per_shape", "one_graph")})
+        return
     for name in args.configs.split(","):
         config, (h, w), text_len = CONFIGS[name]
         print(f"{name}: {config['num_attention_heads']} heads x 128, {config['num_layers']}+"
@@ -86,12 +129,7 @@ def main() -> None:
                 results["cache warm"] = run_child(script, [name, "plain"])
             finally:
                 del os.environ["MS_COMPILER_CACHE_ENABLE"], os.environ["MS_COMPILER_CACHE_PATH"]
-        base = results["plain"]
-        for variant, r in results.items():
-            same = "same output" if abs(r["checksum"] - base["checksum"]) <= 1e-4 * base["checksum"] else \
-                f"OUTPUT DIFFERS ({r['checksum']:.6g} vs {base['checksum']:.6g})"
-            print(f"  {variant:<12} first call {r['first_s']:6.1f} s (x{r['first_s'] / base['first_s']:.2f}), "
-                  f"second {r['second_s']:6.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.1f} GB, {same}", flush=True)
+        report(results)
 
 
 if __name__ == "__main__":
