@@ -13,6 +13,7 @@ Shapes, for batch B, L text tokens, N image tokens, S = L + N, H heads of D chan
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections import namedtuple
@@ -21,7 +22,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..adapters.peft_mixin import PeftAdapterMixin
-from ..backend import AttentionChoice
+from ..backend import AttentionChoice, policy
 from ..configuration_utils import register_to_config
 from ..modeling_utils import ModelMixin
 from .activations import gelu_tanh
@@ -141,9 +142,44 @@ class FluxAttention(AttentionChoice, nn.Cell):
         return img_out, self.to_add_out(out[:, :text_len])
 
 
-class FluxTransformerBlock(nn.Cell):
+def _reused_on_ascend(init):
+    """Wrap a block's __init__ in mindspore.lazy_inline on Ascend: graph mode then compiles the block class
+    once and calls it 19 / 38 times, instead of unrolling all 57 blocks into one graph. MindSpore 2.7.1
+    documents lazy_inline for Ascend only, and its CPU backend rejects the reused graphs (measured:
+    "Input[0] must be a Primitive ValueNode", bench/bench_compile.py), so elsewhere blocks stay inlined:
+    the device policy decides (DevicePolicy.lazy_inline)."""
+    lazy = ms.lazy_inline(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        (lazy if policy().lazy_inline else init)(self, *args, **kwargs)
+
+    return __init__
+
+
+class _ReusableBlock(nn.Cell):
+    """A block whose compiled graph lazy_inline shares among instances with equal `cell_init_args`.
+
+    MindSpore's parser keys the shared graph by that string, fixed at construction; LoRA layers added later
+    may differ between blocks (rank_pattern, targets that hit some blocks only), so their layout joins the
+    key whenever it is read. Without lazy_inline (not Ascend) the attribute does not exist, as before."""
+
+    @property
+    def cell_init_args(self) -> str:
+        base = self._cell_init_args  # AttributeError unless lazy_inline set it
+        layout = [(name, [(a, tuple(cell.lora_A[a].weight.shape)) for a in cell.lora_A.keys()])
+                  for name, cell in self.cells_and_names() if hasattr(cell, "lora_A")]
+        return base + (str(layout) if layout else "")
+
+    @cell_init_args.setter
+    def cell_init_args(self, value: str) -> None:
+        self._cell_init_args = value
+
+
+class FluxTransformerBlock(_ReusableBlock):
     """Double-stream block: text and image keep separate weights and meet in joint attention."""
 
+    @_reused_on_ascend
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, eps: float = 1e-6):
         super().__init__()
         self.norm1 = AdaLayerNormZero(dim)
@@ -170,10 +206,11 @@ class FluxTransformerBlock(nn.Cell):
         return _clip_fp16(encoder_hidden_states), hidden_states
 
 
-class FluxSingleTransformerBlock(nn.Cell):
+class FluxSingleTransformerBlock(_ReusableBlock):
     """Single-stream block on the joint [text; image] sequence: attention and MLP side by side,
     then one output projection of their concatenation."""
 
+    @_reused_on_ascend
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.mlp_hidden_dim = int(dim * mlp_ratio)
