@@ -3,6 +3,7 @@ nonsense numbers are refused, and the interface shows its defaults (CPU, tiny mo
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -82,7 +83,7 @@ def test_a_used_folder_is_never_overwritten_and_stale_checkpoints_are_refused(wo
         ["checkpoint-1"]
 
 
-def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_over(workdir, tmp_path, capsys):
+def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_over(workdir, tmp_path, capsys, caplog, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -94,9 +95,14 @@ def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_over(workdir, tmp
     finally:
         holder.kill()
         holder.wait()
-    # the holder is gone: its lock is taken over with a warning, and released at the end
-    assert script.cli(base_args(workdir, out) + ["--max_train_steps", "1"]) == 0
-    assert f"locked by process {holder.pid}, which no longer exists" in capsys.readouterr().err
+    # the holder is gone: its lock is taken over with a warning, and released at the end. The run also shows
+    # that the default --report_to does not warn on a default install (no tensorboardX)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails as when not installed
+    args = [a for a in base_args(workdir, out) if a not in ("--report_to", "none")]
+    assert script.cli(args + ["--max_train_steps", "1"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"{out} was locked by process {holder.pid}, which no longer exists; taking it over"]
+    assert (out / "logs" / "train_log.jsonl").is_file()
     assert (out / LORA).is_file() and not (out / LOCK_NAME).exists()
 
 
@@ -119,29 +125,16 @@ def test_nonsense_numbers_are_refused_naming_the_option(workdir, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-def test_help_shows_every_default():
-    parser_help = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
-                                 env=dict(os.environ, COLUMNS="200"), check=True).stdout
+def test_help_shows_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    parser_help = capsys.readouterr().out
     blocks = parser_help.split("\n  --")[1:]  # one block per option
     options = [b.split()[0] for b in blocks]
-    assert len(options) > 80 and "--overwrite_output_dir" in options
-    missing = [o for o, b in zip(options, blocks) if o != "-h," and "(default:" not in b]
-    assert missing == []
+    assert len(options) > 80 and "overwrite_output_dir" in options
+    assert [o for o, b in zip(options, blocks) if "(default:" not in b] == []
     assert "Beta1 of AdamW and prodigy. (default: 0.9)" in parser_help
-
-
-def test_the_default_report_to_does_not_warn_without_tensorboardx(workdir, tmp_path):
-    """A default install has no tensorboardX: the default --report_to then quietly keeps the JSON-lines log."""
-    hide = tmp_path / "hide"
-    (hide / "tensorboardX").mkdir(parents=True)
-    (hide / "tensorboardX" / "__init__.py").write_text("raise ImportError('not installed')\n")
-    args = [a for a in base_args(workdir, tmp_path / "out") if a not in ("--report_to", "none")]
-    env = dict(os.environ, PYTHONPATH=f"{hide}{os.pathsep}{ROOT}")
-    run = subprocess.run([sys.executable, str(SCRIPT), *args, "--max_train_steps", "1"], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert not [line for line in run.stderr.splitlines() if "WARNING" in line and "ensorboard" in line]
-    assert (tmp_path / "out" / "logs" / "train_log.jsonl").is_file()
 
 
 def _wait_for(predicate, process, seconds: float) -> None:
@@ -152,10 +145,9 @@ def _wait_for(predicate, process, seconds: float) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_real_signal_after_the_first_graph_step_ends_cleanly(workdir, tmp_path, signum, code):
-    """MindSpore replaces the signal handlers when it compiles a graph; the script still stops with 130/143,
-    one line naming the last checkpoint and no traceback."""
+def test_a_real_sigint_after_the_first_graph_step_ends_cleanly(workdir, tmp_path):
+    """MindSpore replaces the signal handlers when it compiles a graph; the script still stops with 130, one
+    line naming the last checkpoint and no traceback (SIGTERM: test_interrupts.py, at less compile cost)."""
     out = tmp_path / "out"
     args = base_args(workdir, out) + ["--mode", "graph", "--max_train_steps", "100000", "--checkpointing_steps", "1",
                                       "--checkpoints_total_limit", "2"]
@@ -163,12 +155,12 @@ def test_a_real_signal_after_the_first_graph_step_ends_cleanly(workdir, tmp_path
                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         _wait_for(lambda: (out / "checkpoint-2").is_dir(), child, 240)  # past the first graph-mode steps
-        child.send_signal(signum)
+        child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
-    assert child.returncode == code, err[-2000:]
+    assert child.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("train_dreambooth_lora_flux.py: interrupted; the last checkpoint is"), last
