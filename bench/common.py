@@ -54,10 +54,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(script: str, args: list[str]) -> dict:
-    """Run `script --child ARGS` in a fresh process and return the JSON it prints last."""
+def run_child(script: str, args: list[str], python: str | None = None) -> dict:
+    """Run `script --child ARGS` in a fresh process (of `python`, default this interpreter) and return
+    the JSON it prints last."""
     env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([python or sys.executable, script, "--child", *args], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

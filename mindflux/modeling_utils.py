@@ -215,6 +215,7 @@ class ModelMixin(nn.Cell, ConfigMixin):
                             param.set_dtype(want)
                         param.set_data(numpy_to_tensor(piece, file_dtype, want))
                         filled.add(target)
+                st.release(key)  # the parameter holds its own copy now: one copy of the weights, not two
         missing = [n for n in params if n not in filled]
         if missing or unexpected or mismatched:
             lines = [f"weights in {', '.join(files)} do not fit {type(self).__name__}:"]

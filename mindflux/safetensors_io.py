@@ -9,6 +9,7 @@ only the tensor being converted is resident; BF16 is carried as its uint16 bit p
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -148,6 +149,18 @@ class SafetensorsFile:
                                        "(or was saved from a diverged run) and is not loaded")
             self._checked.add(name)
         return array, dtype
+
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s pages from this process's resident memory once it has been copied
+        (into a parameter): otherwise the touched mapping stays counted in RSS and loading peaks at
+        twice the weights. The file stays in the page cache; a later `get` reads it again."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self._entries[name]["data_offsets"]
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = self._data_start + end - start
+        if length > 0:
+            self._mmap._mmap.madvise(mmap.MADV_DONTNEED, start, length)
 
     def get_float32(self, name: str) -> np.ndarray:
         """The tensor widened to fp32 (exact for F16, BF16 and fp8)."""
