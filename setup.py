@@ -24,7 +24,8 @@ setup(
         "protobuf",
     ],
     extras_require={
-        "test": ["pytest", "tensorboardX", "gguf==0.19.0"],  # TensorBoard logging; GGUF fixtures' reader
+        # TensorBoard logging; the GGUF fixtures' reader; LoRA interop with mindone (tests/test_lora_mindone.py)
+        "test": ["pytest", "tensorboardX", "gguf==0.19.0", "mindone==0.5.0"],
         # only to regenerate the PyTorch reference dumps (tests/parity/make_dumps.py) and run bench/
         "torch": ["torch==2.13.0", "diffusers==0.35.2", "peft", "sentencepiece", "protobuf", "prodigyopt"],
         "gguf": ["gguf>=0.17"],  # GGUF transformer files (Q8_0, Q4_K, ...), dequantised at load

@@ -113,6 +113,19 @@ def resolve_model(name_or_path: str, subfolder: str | None = None, revision: str
                      cache_dir=cache_dir, local_files_only=local_files_only, token=token)
 
 
+def resolve_lora(name_or_path: str, weight_name: str | None = None, subfolder: str | None = None,
+                 revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                 token: str | bool | None = None, model_source: str | None = None) -> str:
+    """A LoRA file or folder: the path itself, or a repo id fetched (only `weight_name` when given)."""
+    name_or_path = os.fspath(name_or_path)
+    if not is_repo_id(name_or_path):
+        return name_or_path
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    allow = [prefix + (weight_name or "*.safetensors")]
+    return _download(get_model_source(model_source), name_or_path, allow, list(_NOT_FETCHED), revision=revision,
+                     cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+
+
 def _download(source: str, repo_id: str, allow: list[str], ignore: list[str], **fetch) -> str:
     if source == "modelscope":
         return _modelscope_download(repo_id, allow, ignore, **fetch)
@@ -195,4 +208,4 @@ def _modelscope_download(repo_id: str, allow: list[str], ignore: list[str], revi
 
 
 __all__ = ["HUB_KWARGS", "MODEL_SOURCES", "HubError", "add_variant", "is_repo_id", "get_model_source", "model_patterns",
-           "pipeline_patterns", "resolve_model", "resolve_pipeline"]
+           "pipeline_patterns", "resolve_lora", "resolve_model", "resolve_pipeline"]

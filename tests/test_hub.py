@@ -202,3 +202,20 @@ def test_generate_runs_from_a_hub_cache_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     image = Image.open(tmp_path / "out" / "000_seed0.png")
     assert image.text["model"] == "flux-shapes" and image.size == (64, 64)
+
+
+def test_a_lora_repo_id_loads_from_the_cache(tmp_path):
+    from tests.lora_utils import LORA, StandInPipeline
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    shutil.copy(LORA / "kohya.safetensors", folder / "style.safetensors")
+    fake_hub_cache(tmp_path / "hub", "org/lora", folder)
+    pipe = StandInPipeline()
+    pipe.load_lora_weights("org/lora", weight_name="style.safetensors", adapter_name="hub",
+                           cache_dir=str(tmp_path / "hub"), local_files_only=True)
+    pipe.load_lora_weights(str(LORA / "kohya.safetensors"), adapter_name="local")
+    ours, theirs = pipe.transformer.get_adapter_state_dict("hub"), pipe.transformer.get_adapter_state_dict("local")
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(HubError, match="org/other"):
+        pipe.load_lora_weights("org/other", cache_dir=str(tmp_path / "hub"), local_files_only=True)

@@ -41,7 +41,7 @@ def lora_file_path(path: str, weight_name: str | None = None, subfolder: str | N
     if os.path.isfile(folder_or_file):
         return folder_or_file
     if not os.path.isdir(folder_or_file):
-        raise FileNotFoundError(f"LoRA {folder_or_file} does not exist (no model hub is used: give a local path)")
+        raise FileNotFoundError(f"LoRA {folder_or_file} does not exist (a Hub repo id is written org/name)")
     if weight_name is not None:
         file = os.path.join(folder_or_file, weight_name)
         if not os.path.isfile(file):

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..adapters.layer import LoraConfig
+from ..hub import resolve_lora
 from .formats import DORA_REFUSED, FORMATS, ConvertedLora, LoraFormatError, convert_to_diffusers
 from .kohya import save_kohya_lora
 from .loader import (
@@ -36,9 +37,10 @@ from .loader import (
 
 logger = logging.getLogger(__name__)
 
-# Hub arguments of diffusers' load_lora_weights; mindflux reads local files only, so they change nothing.
-_HUB_KWARGS = frozenset({"cache_dir", "force_download", "proxies", "local_files_only", "token", "revision",
-                         "use_safetensors", "low_cpu_mem_usage"})
+# Hub arguments of diffusers' load_lora_weights: the first five fetch a repo id (mindflux.hub); the
+# others change nothing here (downloads are resumed, only safetensors are read, loading is lean anyway).
+_FETCH_KWARGS = ("cache_dir", "local_files_only", "token", "revision", "model_source")
+_HUB_KWARGS = frozenset(_FETCH_KWARGS + ("force_download", "proxies", "use_safetensors", "low_cpu_mem_usage"))
 
 
 class LoraKeyError(ValueError):
@@ -61,6 +63,13 @@ def _check_kwargs(kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - _HUB_KWARGS)
     if unknown:
         raise TypeError(f"unexpected arguments {unknown}")
+
+
+def _read(source, weight_name: str | None, subfolder: str | None, kwargs: dict):
+    """read_lora of a file, folder, dict, or a Hub / ModelScope repo id (fetched first)."""
+    if isinstance(source, (str, os.PathLike)):
+        source = resolve_lora(source, weight_name, subfolder, **{k: kwargs[k] for k in _FETCH_KWARGS if k in kwargs})
+    return read_lora(source, weight_name, subfolder)
 
 
 def report_unmapped(converted: ConvertedLora, strict: bool, source: str = "LoRA") -> None:
@@ -101,7 +110,7 @@ class FluxLoraLoaderMixin:
         Called on a pipeline, its models size fused splits and check shapes; on the class, FLUX's structure does.
         """
         _check_kwargs(kwargs)
-        state, metadata = read_lora(pretrained_model_name_or_path_or_dict, weight_name, subfolder)
+        state, metadata = _read(pretrained_model_name_or_path_or_dict, weight_name, subfolder, kwargs)
         models = self._lora_models() if not isinstance(self, type) else {}
         converted = convert_to_diffusers(state, layouts_of(models) if models else None)
         report_unmapped(converted, strict)
@@ -136,7 +145,7 @@ class FluxLoraLoaderMixin:
         _check_kwargs(kwargs)
         if hotswap:
             raise NotImplementedError("hotswap is not supported: delete the adapter and load the new one")
-        state, metadata = read_lora(pretrained_model_name_or_path_or_dict, weight_name, subfolder)
+        state, metadata = _read(pretrained_model_name_or_path_or_dict, weight_name, subfolder, kwargs)
         source = "LoRA state dict" if isinstance(pretrained_model_name_or_path_or_dict, dict) \
             else os.fspath(pretrained_model_name_or_path_or_dict)
         models = {c: m for c, m in self._lora_models().items() if m is not None}
