@@ -216,9 +216,10 @@ def cli(argv: list[str] | None = None) -> int:
     from mindflux.modeling_utils import WeightsLoadingError
     from mindflux.safetensors_io import SafetensorsError
     from mindflux.training.dreambooth import train
+    from mindflux.training.run_config import TrainingConfig
 
     try:
-        train(args)
+        train(TrainingConfig.from_arguments(vars(args)))
     except KeyboardInterrupt:
         print("train_dreambooth_lora_flux.py: interrupted; the checkpoints written so far are complete",
               file=sys.stderr)
