@@ -50,6 +50,7 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
         ("torch", "dump_lora:load_mindflux_files"),
     ],
     "train_step": [("torch", "dump_train_step:make_reference")],
+    "train_batch": [("torch", "dump_train_batch:make_reference")],
     # after tokenizers: the pipeline's tokenizer folders are saved from these
     "pipeline": [
         ("torch", "dump_pipeline:make_reference"),
