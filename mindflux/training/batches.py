@@ -43,10 +43,14 @@ class LatentSource:
         keys = [("instance", self.dataset.image_id(i), f) for i in range(self.dataset.num_instance_images)
                 for f in flips]
         keys += [("class", i, False) for i in range(len(self.dataset.class_images))]
+        if getattr(self.dataset, "references", None):  # Kontext: each target's reference image, flipped with it
+            keys += [("reference", index, f) for kind, index, f in keys if kind == "instance"]
         return list(dict.fromkeys(keys))
 
     def pixels(self, key: tuple) -> np.ndarray:
         kind, index, flip = key
+        if kind == "reference":
+            return self.dataset.reference_by_id(index, flip)
         return self.dataset.instance_by_id(index, flip) if kind == "instance" else self.dataset.class_image(index)
 
     def build_cache(self) -> None:
@@ -75,6 +79,7 @@ class BatchDraws:
     vae_eps: np.ndarray         # (rows, C, h, w) N(0, 1): the VAE posterior sample
     noise: np.ndarray           # (rows, C, h, w) N(0, 1): the flow-matching noise
     density_draws: np.ndarray   # (rows,) raw draws of compute_density_for_timestep_sampling
+    cond_eps: np.ndarray | None = None  # Kontext: the reference latents' posterior sample
 
 
 class BatchBuilder:
@@ -83,7 +88,7 @@ class BatchBuilder:
     def __init__(self, dataset, latents: LatentSource, prompts, sampler, vae_config: Any, data_rng, step_rng,
                  weight_dtype, random_flip: bool = False, caption_dropout: float = 0.0,
                  class_prompt: str | None = None, guidance_scale: float | None = 3.5, clip_trains: bool = False,
-                 world_size: int = 1, rank: int = 0):
+                 world_size: int = 1, rank: int = 0, vae_sample: bool = True):
         self.dataset, self.latents, self.prompts, self.sampler = dataset, latents, prompts, sampler
         self.scaling_factor = float(vae_config.scaling_factor)
         self.shift_factor = float(vae_config.shift_factor or 0.0)
@@ -94,6 +99,7 @@ class BatchBuilder:
         self.guidance_scale = guidance_scale  # None: the transformer has no guidance embedding
         self.clip_trains = clip_trains
         self.world_size, self.rank = world_size, rank
+        self.vae_sample = vae_sample  # latent_dist.sample() as diffusers' DreamBooth; False: .mode() (the mean)
 
     @property
     def halves(self) -> int:
@@ -129,24 +135,37 @@ class BatchBuilder:
             prompts += [self.class_prompt] * len(batch)
         return prompts
 
-    def __call__(self, batch: list[int]) -> list:
+    def rows(self, size: int) -> np.ndarray:
+        return rank_rows(size, self.world_size, self.rank, self.halves)
+
+    def normalized_latents(self, keys: list[tuple], eps: np.ndarray):
+        """(sample - shift_factor) * scaling_factor of the named images' posteriors, sampled with `eps`."""
         import mindspore as ms
 
-        from ..latents import normalize_latents, prepare_latent_image_ids, prepare_text_ids
+        from ..latents import normalize_latents
 
-        size = len(batch)
+        mean, std = self.latents.moments(keys)
+        z = mean + std * eps if self.vae_sample else mean
+        return normalize_latents(ms.Tensor(z), self.scaling_factor, self.shift_factor).astype(self.weight_dtype)
+
+    def __call__(self, batch: list[int]) -> list:
         shape = self.latent_shape(batch)
-        draws = self.draw(size, shape)
-        rows = rank_rows(size, self.world_size, self.rank, self.halves)
+        return self.build(batch, self.draw(len(batch), shape), shape)
+
+    def build(self, batch: list[int], draws: BatchDraws, shape: tuple[int, ...]) -> list:
+        import mindspore as ms
+
+        from ..latents import prepare_latent_image_ids, prepare_text_ids
+
+        rows = self.rows(len(batch))
         mine = rows[: len(rows) // self.halves]  # this process's instance rows
-        mean, std = self.latents.moments(self.image_keys([batch[i] for i in mine], draws.flips[mine]))
-        latents = normalize_latents(ms.Tensor(mean + std * draws.vae_eps[rows]), self.scaling_factor,
-                                    self.shift_factor)
+        latents = self.normalized_latents(self.image_keys([batch[i] for i in mine], draws.flips[mine]),
+                                          draws.vae_eps[rows])
         sigmas, timesteps = self.sampler.sigmas_from_density(
             self.sampler.density_from_draws(draws.density_draws), (shape[2] // 2) * (shape[3] // 2))
         prompts = self.batch_prompts(batch, draws.drop_captions)
         t5, text = self.prompts.batch([prompts[r] for r in rows], self.weight_dtype, self.clip_trains)
-        inputs = [latents.astype(self.weight_dtype), ms.Tensor(draws.noise[rows]), ms.Tensor(sigmas[rows]),
+        inputs = [latents, ms.Tensor(draws.noise[rows]), ms.Tensor(sigmas[rows]),
                   ms.Tensor(timesteps[rows]), t5, ms.Tensor(text) if isinstance(text, np.ndarray) else text,
                   prepare_latent_image_ids(shape[2] // 2, shape[3] // 2), prepare_text_ids(t5.shape[1])]
         if self.guidance_scale is not None:
