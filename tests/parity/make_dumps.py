@@ -57,6 +57,8 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
         ("mindspore", "dump_pipeline:write_mindflux_copy"),
         ("torch", "dump_pipeline:load_mindflux_copy"),
     ],
+    # after pipeline: the family pipelines use its tiny_flux folder
+    "pipelines": [("torch", "dump_pipelines:make_reference")],
 }
 
 
