@@ -220,3 +220,23 @@ def run_cli(prog: str, train: Callable, config) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def add_kontext_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments diffusers' train_dreambooth_lora_flux_kontext.py adds."""
+    a = p.add_argument
+    a("--cond_image_column", type=str, default=None, required=True,
+      help="metadata.jsonl key of the reference (condition) image; --image_column is the edited target.")
+    a("--validation_image", type=str, default=None, help="The image to edit in validation (with --validation_prompt).")
+    a("--vae_encode_mode", type=str, default="mode", choices=["sample", "mode"],
+      help="Latents from the VAE posterior's mode (its mean; diffusers' default here) or a sample.")
+
+
+def check_kontext_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.with_prior_preservation:
+        p.error("--with_prior_preservation is not supported with --cond_image_column (as in diffusers)")
+    if args.train_text_encoder:
+        p.error("--train_text_encoder is not supported with --cond_image_column (as in diffusers)")
+    if args.validation_image is not None and not os.path.isfile(args.validation_image):
+        p.error(f"--validation_image {args.validation_image} does not exist")
+    return args

@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from ..device import pynative as _pynative
+from .batches import BatchBuilder, LatentSource
 from .dataset import DreamBoothDataset, parse_buckets
 from .distributed import barrier, init_distributed
 from .export import LoraExport, saving_dtype
@@ -66,7 +67,8 @@ class DreamBoothTrainer:
     """One training run; `run()` returns the path of the LoRA file (on rank 0; None elsewhere)."""
 
     default_lora_layers = DEFAULT_LORA_LAYERS
-    pipeline_class = None  # validation and class images: FluxPipeline
+    pipeline_class = None  # validation: FluxPipeline
+    batch_builder_class = BatchBuilder
 
     def __init__(self, config: TrainingConfig):
         import mindspore as ms
@@ -258,16 +260,15 @@ class DreamBoothTrainer:
                                       c.mode_scale, c.dynamic_shift, generator=self.state.step_rng)
         return train_step, sampler, max_train_steps, num_batches
 
-    def batch_builder(self):
-        from .batches import BatchBuilder, LatentSource
-
+    def batch_builder(self) -> BatchBuilder:
         c = self.config
         latents = LatentSource(self.vae, self.dataset, c.random_flip, c.cache_latents, self.dist.is_main_process)
-        return BatchBuilder(self.dataset, latents, self.prompts, self.sampler, self.vae.config, self.state.data_rng,
-                            self.state.step_rng, self.weight_dtype, c.random_flip, c.caption_dropout,
-                            c.class_prompt if c.with_prior_preservation else None,
-                            c.guidance_scale if self.transformer.config.guidance_embeds else None,
-                            self.text_encoder is not None, self.dist.world_size, self.dist.rank)
+        return self.batch_builder_class(
+            self.dataset, latents, self.prompts, self.sampler, self.vae.config, self.state.data_rng,
+            self.state.step_rng, self.weight_dtype, c.random_flip, c.caption_dropout,
+            c.class_prompt if c.with_prior_preservation else None,
+            c.guidance_scale if self.transformer.config.guidance_embeds else None, self.text_encoder is not None,
+            self.dist.world_size, self.dist.rank, vae_sample=c.vae_encode_mode == "sample")
 
     def make_validator(self, **pipeline_kwargs):
         from .validation import Validator
