@@ -51,6 +51,12 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
     ],
     "train_step": [("torch", "dump_train_step:make_reference")],
     "train_batch": [("torch", "dump_train_batch:make_reference")],
+    # after train_step and train_batch (their settings and images); the mindspore stage writes a mindflux file
+    "train_kontext": [
+        ("torch", "dump_train_kontext:make_reference"),
+        ("mindspore", "dump_train_kontext:write_mindflux_lora"),
+        ("torch", "dump_train_kontext:load_mindflux_lora"),
+    ],
     # after tokenizers: the pipeline's tokenizer folders are saved from these
     "pipeline": [
         ("torch", "dump_pipeline:make_reference"),
