@@ -177,3 +177,33 @@ def test_bad_kontext_input_is_one_line(inversion, tmp_path, capsys, extra, messa
     with pytest.raises(SystemExit) as exit_info:
         script.cli(args + extra)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+LEARN_STEPS, LEARN_THRESHOLD = 20, 0.9
+
+
+def test_kontext_lora_learns_colour_inversion(inversion, tmp_path, graph_mode):
+    """The script's trainer (pairs, reference tokens, graph-mode step) on the inversion pairs: the loss on fixed
+    evaluation batches (4 draws of each pair) falls clearly. Measured (lr 1e-2, rank 16, 20 steps, seed 0): 0.83
+    of the start. The fall is the adapter fitting these targets: with each target given another pair's
+    reference the evaluation loss was the same (1.0000 of it), so 20 steps on a random tiny transformer do not
+    yet show the edit being read from the reference."""
+    args = kontext_args(inversion / "model", inversion / "pairs", tmp_path, inversion / "embeds.safetensors") + [
+        "--resolution", "32", "--train_batch_size", "4", "--learning_rate", "1e-2", "--rank", "16", "--lora_alpha",
+        "16", "--lr_warmup_steps", "0", "--mode", "graph"]
+    trainer = KontextTrainer(TrainingConfig.from_arguments(vars(script.parse_args(args))))
+    evaluation = [trainer.batches([0, 1, 2, 3]) for _ in range(4)]
+    loss_net = trainer.train_step.update_step.scaled_loss.loss_net
+
+    def evaluate() -> float:
+        ms.set_context(mode=ms.PYNATIVE_MODE)  # forward passes; graph mode is for the train step
+        try:
+            return float(np.mean([loss_net(*inputs).asnumpy() for inputs in evaluation]))
+        finally:
+            ms.set_context(mode=ms.GRAPH_MODE)
+
+    start = evaluate()
+    losses = [trainer.train_step(*trainer.batches([0, 1, 2, 3])).loss for _ in range(LEARN_STEPS)]
+    end = evaluate()
+    assert end < LEARN_THRESHOLD * start, (start, end)
+    assert np.mean(losses[-8:]) < np.mean(losses[:8])
