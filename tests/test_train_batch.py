@@ -8,13 +8,16 @@ guidance, img_ids, txt_ids, prompt rows) and the loss of a recorded stand-in pre
 scheme, prior-preservation split and weight). Caption dropout is mindflux's own: a dropped row
 must carry the empty prompt's embeddings.
 
-Planted once each (2026-12-03), each bug fails all six batch cases: normalising the latents without the
-VAE's shift_factor (batches.BatchBuilder with shift_factor 0.0) fails at "model_input", largest
-difference 0.042; fixing the guidance at 1.0 (the trainer passing 1.0 for --guidance_scale 2.5) fails
-at "guidance", difference 1.5.
+The Kontext script's trainer runs the same cases (its reference tokens: test_train_kontext).
+
+Planted once each (2026-12-03), each bug fails all eight batch cases (both scripts): normalising the
+latents without the VAE's shift_factor (batches.BatchBuilder with shift_factor 0.0) fails at
+"model_input", largest difference 0.042; fixing the guidance at 1.0 (the trainer passing 1.0 for
+--guidance_scale 2.5) fails at "guidance", difference 1.5.
 """
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -26,12 +29,14 @@ from mindspore import nn
 from mindflux.safetensors_io import load_file
 from mindflux.training.batches import BatchDraws
 from mindflux.training.dreambooth import DreamBoothTrainer
+from mindflux.training.kontext import KontextTrainer
 from mindflux.training.run_config import TrainingConfig
 from tests.conftest import FIXTURES
 from tests.tiny_flux import make_model_folder
 
 DUMP = FIXTURES / "train_batch"
 SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_dreambooth_lora_flux.py"
+KONTEXT_SCRIPT = SCRIPT.with_name("train_dreambooth_lora_flux_kontext.py")
 ATOL = 1e-6
 
 
@@ -72,14 +77,26 @@ def check(name: str, actual, expected) -> None:
     np.testing.assert_allclose(numpy(actual), np.asarray(expected, np.float32), rtol=0, atol=ATOL, err_msg=name)
 
 
-def trainer_for(case: dict, model_folder: Path, tmp_path: Path) -> DreamBoothTrainer:
+def trainer_for(case: dict, model_folder: Path, tmp_path: Path, kontext: bool = False) -> DreamBoothTrainer:
+    """The trainer as a script builds it: DreamBooth, or Kontext on pairs whose targets are the dump's images
+    (each with the other image as its reference, sampled from the VAE posterior as the dump's latents are)."""
+    common = ["--pretrained_model_name_or_path", str(model_folder), "--instance_prompt", "a photo of sks thing",
+              "--output_dir", str(tmp_path / "out"), "--resolution", "16", "--center_crop", "--random_flip",
+              "--device", "cpu", "--mode", "pynative", "--seed", "0", "--report_to", "none",
+              "--precomputed_prompt_embeds", str(DUMP / "embeds.safetensors"), "--guidance_scale", "2.5",
+              "--weighting_scheme", case["weighting_scheme"], "--logit_mean", "0.3", "--logit_std", "1.2",
+              "--mode_scale", "1.29", "--train_batch_size", str(case["batch"])]
+    if kontext:
+        data = tmp_path / "pairs"
+        shutil.copytree(DUMP / "instance", data)
+        (data / "metadata.jsonl").write_text("".join(json.dumps({"image": f"0{i}.png", "cond": f"0{1 - i}.png"}) + "\n"
+                                                     for i in (0, 1)))
+        script = load_script(KONTEXT_SCRIPT, "train_dreambooth_lora_flux_kontext_batch")
+        args = script.parse_args(common + ["--dataset_name", str(data), "--cond_image_column", "cond",
+                                           "--vae_encode_mode", "sample"])
+        return KontextTrainer(TrainingConfig.from_arguments(vars(args)))
     script = load_script(SCRIPT, "train_dreambooth_lora_flux_batch")
-    args = ["--pretrained_model_name_or_path", str(model_folder), "--instance_data_dir", str(DUMP / "instance"),
-            "--instance_prompt", "a photo of sks thing", "--output_dir", str(tmp_path / "out"), "--resolution", "16",
-            "--center_crop", "--random_flip", "--device", "cpu", "--mode", "pynative", "--seed", "0",
-            "--report_to", "none", "--precomputed_prompt_embeds", str(DUMP / "embeds.safetensors"),
-            "--guidance_scale", "2.5", "--weighting_scheme", case["weighting_scheme"], "--logit_mean", "0.3",
-            "--logit_std", "1.2", "--mode_scale", "1.29", "--train_batch_size", str(case["batch"])]
+    args = common + ["--instance_data_dir", str(DUMP / "instance")]
     if case["with_prior_preservation"]:
         shutil.copytree(DUMP / "class", tmp_path / "class")
         args += ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt",
@@ -92,12 +109,13 @@ def feed(builder, arrays: dict, name: str) -> list:
     """The dump's draws instead of the run's generators, and diffusers' VAE posterior for the pixels the builder
     encodes (the VAE itself is compared at its own precision in test_the_vae_posterior_matches); returns the
     list the encoded pixels are recorded in."""
-    draws = BatchDraws(arrays[f"{name}.flips"].astype(bool), arrays[f"{name}.drops"].astype(bool),
-                       arrays[f"{name}.draw.vae_eps"], arrays[f"{name}.draw.noise"], arrays[f"{name}.draw.density"])
+    eps = arrays[f"{name}.draw.vae_eps"]
+    draws = BatchDraws(arrays[f"{name}.flips"].astype(bool), arrays[f"{name}.drops"].astype(bool), eps,
+                       arrays[f"{name}.draw.noise"], arrays[f"{name}.draw.density"], cond_eps=np.zeros_like(eps))
     builder.draw = lambda size, shape: draws
     encoded = []
 
-    def encode_moments(pixels):
+    def encode_moments(pixels):  # the targets first; Kontext's references next (their tokens: test_train_kontext)
         encoded.append(pixels)
         return arrays[f"{name}.latent_mean"], arrays[f"{name}.latent_std"]
 
@@ -106,16 +124,15 @@ def feed(builder, arrays: dict, name: str) -> list:
 
 
 CASES = ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt", "prior"]
+SCRIPTS = [(name, False) for name in CASES] + [(name, True) for name in ("none", "logit_normal")]
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_batch_inputs_match_diffusers(name, model_folder, tmp_path):
-    import json
-
+@pytest.mark.parametrize("name, kontext", SCRIPTS, ids=[f"{n}-{'kontext' if k else 'dreambooth'}" for n, k in SCRIPTS])
+def test_batch_inputs_match_diffusers(name, kontext, model_folder, tmp_path):
     case = json.loads((DUMP / "config.json").read_text())["cases"][name]
     arrays = load_file(str(DUMP / "cases.safetensors"))
     embeds = load_file(str(DUMP / "embeds.safetensors"))
-    trainer = trainer_for(case, model_folder, tmp_path)
+    trainer = trainer_for(case, model_folder, tmp_path, kontext)
     trainer.prompts.t5[""] = embeds["empty_prompt_embeds"]  # caption dropout's prompt (not in diffusers' script)
     trainer.prompts.pooled[""] = embeds["empty_pooled_prompt_embeds"]
     encoded = feed(trainer.batches, arrays, name)
@@ -123,11 +140,16 @@ def test_batch_inputs_match_diffusers(name, model_folder, tmp_path):
     check("pixel_values", encoded[0], arrays[f"{name}.pixel_values"])  # flips, normalisation, [instance; class]
     check("model_input", inputs[0], arrays[f"{name}.model_input"])
     check("sigmas", inputs[2], arrays[f"{name}.sigmas"])
-    recorder = Recorder(arrays[f"{name}.stand_in_prediction"], trainer.transformer.config)
+    prediction = arrays[f"{name}.stand_in_prediction"]
+    tokens = prediction.shape[1]
+    if kontext:  # the transformer also returns outputs for the reference tokens; the loss must not see them
+        prediction = np.concatenate([prediction, 100 * np.ones_like(prediction)], axis=1)
+    recorder = Recorder(prediction, trainer.transformer.config)
     trainer.transformer = recorder
     loss = trainer.loss_net()(*inputs)
-    for key in ("packed_noisy_model_input", "timestep", "guidance", "img_ids", "prompt_embeds",
-                "pooled_prompt_embeds"):
+    for key in ("packed_noisy_model_input", "img_ids"):  # the target's part of the sequence
+        check(key, recorder.seen[key][..., :tokens, :], arrays[f"{name}.{key}"])
+    for key in ("timestep", "guidance", "prompt_embeds", "pooled_prompt_embeds"):
         check(key, recorder.seen[key], arrays[f"{name}.{key}"])
     check("txt_ids", recorder.seen["txt_ids"], np.zeros((7, 3), np.float32))
     np.testing.assert_allclose(float(loss.asnumpy()), float(arrays[f"{name}.loss"]), rtol=1e-6)
@@ -135,8 +157,6 @@ def test_batch_inputs_match_diffusers(name, model_folder, tmp_path):
 
 def test_the_vae_posterior_matches(model_folder, tmp_path):
     """The latent source's VAE posterior of the dump's pixels: framework rounding in the convolutions only."""
-    import json
-
     case = json.loads((DUMP / "config.json").read_text())["cases"]["none"]
     arrays = load_file(str(DUMP / "cases.safetensors"))
     trainer = trainer_for(case, model_folder, tmp_path)
