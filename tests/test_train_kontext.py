@@ -156,7 +156,7 @@ def test_the_script_trains_validates_and_writes_a_kontext_lora(inversion, tmp_pa
         "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--validation_prompt",
         "a photo of sks thing", "--validation_image", str(inversion / "pairs" / "in" / "00.png"),
         "--validation_resolution", "32", "--num_validation_images", "1", "--num_inference_steps", "2",
-        "--validation_epochs", "1", "--learning_rate", "1e-3"]
+        "--validation_epochs", "1", "--learning_rate", "1e-3", "--cache_latents", "--random_flip"]
     assert script.cli(args) == 0
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in weights  # Kontext's default targets
