@@ -1,5 +1,6 @@
 """Checkpoint files (atomic writes, pruning, resolving), data-parallel row split, and the training logs."""
 
+import importlib.util
 import json
 import os
 import struct
@@ -113,8 +114,9 @@ def read_events(folder):
 
 
 def test_reporter_writes_json_lines_and_tensorboard(tmp_path):
-    pytest.importorskip("tensorboardX")
-    reporter = TrainingReporter(str(tmp_path), total_steps=3, report_to="tensorboard", config={"rank": 4})
+    tensorboard = importlib.util.find_spec("tensorboardX") is not None  # only the events file needs it
+    reporter = TrainingReporter(str(tmp_path), total_steps=3, report_to="tensorboard" if tensorboard else "none",
+                                config={"rank": 4})
     for step, loss in ((1, 0.5), (2, 0.25)):
         reporter.log_step(step, 0, loss, 1e-4, 0.1)
     reporter.log_step(3, 0, float("nan"), 1e-4, None)
@@ -125,7 +127,8 @@ def test_reporter_writes_json_lines_and_tensorboard(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
     assert [r.get("step") for r in records] == [1, 2, 3, 3]
     assert records[0]["loss"] == 0.5 and records[2]["loss"] == "nan" and records[3]["event"] == "summary"
-    assert read_events(str(tmp_path))["train/loss"] == [(1, 0.5), (2, 0.25)]
+    if tensorboard:
+        assert read_events(str(tmp_path))["train/loss"] == [(1, 0.5), (2, 0.25)]
 
 
 def test_reporter_is_silent_off_the_main_process_and_refuses_missing_tensorboard(tmp_path, monkeypatch):

@@ -104,12 +104,12 @@ def test_prior_preservation_generates_the_missing_class_images(workdir, tmp_path
 
 
 def test_validation_images_model_card_kohya_and_tensorboard(workdir, tmp_path):
-    pytest.importorskip("tensorboardX")
+    tensorboard = importlib.util.find_spec("tensorboardX") is not None  # only the events file needs it
     out = tmp_path / "out"
     args = base_args(workdir, out, embeds=False) + [
         "--train_batch_size", "3", "--max_train_steps", "2", "--validation_prompt", "sks thing on the moon",
         "--num_validation_images", "2", "--validation_epochs", "1", "--validation_resolution", "32",
-        "--num_inference_steps", "2", "--export_kohya", "--report_to", "tensorboard"]
+        "--num_inference_steps", "2", "--export_kohya", "--report_to", "tensorboard" if tensorboard else "none"]
     assert script.cli(args) == 0
     # 3 images in batches of 3: one update per epoch, validation after epochs 0 and 1, then with the saved file
     names = sorted(os.listdir(out / "validation"))
@@ -126,7 +126,8 @@ def test_validation_images_model_card_kohya_and_tensorboard(workdir, tmp_path):
     kohya = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
     assert detect_format(kohya) == "kohya"
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in kohya)
-    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "logs"))
+    if tensorboard:
+        assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "logs"))
     events = [json.loads(line) for line in open(out / "logs" / "train_log.jsonl") if '"event"' in line]
     assert [e["final"] for e in events if e["event"] == "validation"] == [False, False, True]
 

@@ -108,14 +108,18 @@ def pack_metadata(configs: dict[str, dict | LoraConfig | None]) -> dict[str, str
     return metadata
 
 
-def write_lora(path: str, tensors: dict, metadata: dict[str, str] | None = None, dtype: str = "fp32") -> None:
-    """A safetensors LoRA file, weights in `dtype` (fp32, fp16 or bf16), scalars (alphas) in fp32."""
+def write_lora(path: str, tensors: dict, metadata: dict[str, str] | None = None, dtype: str = "fp32",
+               fp32_prefixes: tuple[str, ...] = ()) -> None:
+    """A safetensors LoRA file, weights in `dtype` (fp32, fp16 or bf16), scalars (alphas) and the weights
+    whose names start with one of `fp32_prefixes` (diffusers keeps a trained CLIP's in fp32) in fp32."""
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"LoRA files are written as fp32, fp16 or bf16, not {dtype!r}")
     out = {}
     for name, value in tensors.items():
         array = np.asarray(_to_numpy(value), np.float32)
-        if dtype == "bf16" and array.ndim:
+        if fp32_prefixes and name.startswith(fp32_prefixes):
+            out[name] = (array, "F32")
+        elif dtype == "bf16" and array.ndim:
             out[name] = (float32_to_bf16_bits(array), "BF16")
         elif dtype == "fp16" and array.ndim:
             out[name] = (array.astype(np.float16), "F16")

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Union
 
 import mindspore as ms
@@ -32,6 +34,7 @@ from ..latents import (
     calculate_shift,
     denormalize_latents,
     latent_size,
+    normalize_latents,
     pack_latents,
     prepare_latent_image_ids,
     prepare_text_ids,
@@ -39,7 +42,8 @@ from ..latents import (
     unpack_latents,
 )
 from ..lora import FluxLoraLoaderMixin
-from .pipeline_utils import DiffusionPipeline, synchronize
+from .denoise import Conditioning, TextConditioning, denoise
+from .pipeline_utils import DiffusionPipeline, _pipeline_classes, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,7 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         self._joint_attention_kwargs: dict = {}
         self._num_timesteps = 0
         self._current_timestep = None
+        self.noise_source: Callable[[tuple[int, ...]], np.ndarray] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -284,16 +289,26 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
                 raise ValueError(f"`latents` must be packed, {expected} for {batch_size} images of {size}; got "
                                  f"{tuple(latents.shape)}")
             return latents.astype(dtype), latent_image_ids
-        shape = (batch_size, num_channels_latents, h, w)
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != batch_size:
-                raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
-                                 f"effective batch size of {batch_size}. Make sure the batch size matches the length "
-                                 "of the generators.")
-            noise = np.concatenate([standard_normal((1, *shape[1:]), g) for g in generator])
-        else:
-            noise = standard_normal(shape, generator)
+        noise = self.randn((batch_size, num_channels_latents, h, w), generator)
         return pack_latents(Tensor(noise)).astype(dtype), latent_image_ids
+
+    def randn(self, shape: Sequence[int], generator: Generator | list[Generator] | None) -> np.ndarray:
+        """Host N(0, 1) noise of `shape` (B, ...), one generator per row when a list is given.
+
+        Every draw of a call goes through here (initial noise, the VAE posterior's samples), in
+        diffusers' order; `noise_source`, when set, replaces the draws (tests feed diffusers' own)."""
+        if isinstance(generator, (list, tuple)) and len(generator) != shape[0]:
+            raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
+                             f"effective batch size of {shape[0]}. Make sure the batch size matches the length "
+                             "of the generators.")
+        if self.noise_source is not None:
+            noise = np.asarray(self.noise_source(tuple(shape)), np.float32)
+            if noise.shape != tuple(shape):
+                raise ValueError(f"noise_source gave {noise.shape} for a draw of {tuple(shape)}")
+            return noise
+        if isinstance(generator, (list, tuple)):
+            return np.concatenate([standard_normal((1, *shape[1:]), g) for g in generator])
+        return standard_normal(shape, generator)
 
     # ---- 4. timesteps -------------------------------------------------------------------------
     def prepare_timesteps(self, num_inference_steps: int, image_seq_len: int,
@@ -334,6 +349,64 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
 
         return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
 
+    # ---- images -> latents (the image pipelines) --------------------------------------------
+    def encode_image(self, pixels: np.ndarray, generator: Generator | list[Generator] | None = None,
+                     sample: bool = True) -> Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> normalised latents (B, C, H/8, W/8) for the transformer.
+
+        `sample`: a draw of the VAE posterior, mean + std * noise (diffusers' default), with one
+        generator per image when a list is given; otherwise its mean (Kontext's "argmax")."""
+        vae = self.vae
+        dist = vae.encode(Tensor(pixels).astype(vae.dtype)).latent_dist
+        latents = dist.mean
+        if sample:
+            noise = np.concatenate([self.randn((1, *latents.shape[1:]), g) for g in generator]) \
+                if isinstance(generator, (list, tuple)) else self.randn(latents.shape, generator)
+            latents = latents + dist.std * Tensor(noise).astype(latents.dtype)
+        return normalize_latents(latents, vae.config.scaling_factor, vae.config.shift_factor or 0.0)
+
+    @property
+    def latent_channels(self) -> int:
+        """16: the VAE's latent channels (each packed token holds 4x that)."""
+        return self.vae.config.latent_channels if self.vae is not None else 16
+
+    @classmethod
+    def in_channels_for(cls, latent_channels: int = 16, vae_scale_factor: int = 8) -> int:
+        """The transformer's x_embedder input width this pipeline feeds: 4 x 16 = 64 for FLUX.1-dev / schnell."""
+        return 4 * latent_channels
+
+    def check_transformer(self) -> None:
+        """A transformer of another family member (e.g. FLUX.1-Fill's 384-wide x_embedder) is a clear error."""
+        found = self.transformer.config.in_channels
+        expected = self.in_channels_for(self.latent_channels, self.vae_scale_factor)
+        if found != expected:
+            fits = sorted(name for name, cls in _pipeline_classes().items()
+                          if cls.in_channels_for(self.latent_channels, self.vae_scale_factor) == found)
+            raise ValueError(f"{type(self).__name__} feeds the transformer {expected} channels per token, but this "
+                             f"transformer's x_embedder takes {found}" +
+                             (f": load it with {' or '.join(fits)}" if fits else ""))
+
+    # ---- what the family members change (see mindflux/pipelines/denoise.py) --------------------
+    def prepare_inputs(self, call: SimpleNamespace) -> None:
+        """Check and preprocess the pipeline's own inputs (images, masks, strength) on the host, before any
+        model work; may set call.height / call.width. Text-to-image has none."""
+
+    def schedule(self, call: SimpleNamespace, timesteps: np.ndarray) -> np.ndarray:
+        """The timesteps the loop runs (image pipelines start part way, by strength)."""
+        self.scheduler.set_begin_index(0)
+        return timesteps
+
+    def prepare_conditioning(self, call: SimpleNamespace, batch: int, dtype: ms.Type, timesteps: np.ndarray,
+                             generator) -> tuple[Tensor, Conditioning]:
+        """The starting latents (B, N, 4C) and what the loop adds to them; text-to-image: noise, no additions."""
+        latents, latent_image_ids = self.prepare_latents(batch, self.latent_channels, call.height, call.width, dtype,
+                                                         generator, call.latents)
+        return latents, Conditioning(img_ids=latent_image_ids)
+
+    def finish(self, call: SimpleNamespace, image):
+        """The decoded images, post-processed as the pipeline needs (Inpaint pastes crops back)."""
+        return image
+
     # ---- the call -----------------------------------------------------------------------------
     def __call__(
         self,
@@ -372,107 +445,101 @@ class FluxPipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         Returns FluxPipelineOutput(images) or (images,); `self.timings` holds the seconds spent
         encoding, denoising and decoding.
         """
-        # 1. inputs
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
-        self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
-                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                          callback_on_step_end_tensor_inputs, max_sequence_length)
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = dict(joint_attention_kwargs or {})
+        return self.generate(**{k: v for k, v in locals().items() if k != "self"})
+
+    def generate(self, **arguments: Any):
+        """The call every pipeline makes: FluxPipeline.__call__'s arguments (their defaults where not given)
+        plus the pipeline's own, in the order inputs -> prompts -> timesteps -> latents -> loop -> images."""
+        defaults = {name: p.default for name, p in inspect.signature(FluxPipeline.__call__).parameters.items()
+                    if name != "self"}
+        unknown = sorted(set(arguments) - set(defaults) - set(inspect.signature(type(self).__call__).parameters))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__call__ got unexpected arguments {unknown}")
+        c = SimpleNamespace(**{**defaults, **arguments})
+
+        # 1. inputs, all checked before any model work
+        if c.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {c.output_type!r}")
+        self.prepare_inputs(c)
+        c.height = c.height or self.default_sample_size * self.vae_scale_factor
+        c.width = c.width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(c.prompt, c.prompt_2, c.height, c.width, c.negative_prompt, c.negative_prompt_2,
+                          c.prompt_embeds, c.negative_prompt_embeds, c.pooled_prompt_embeds,
+                          c.negative_pooled_prompt_embeds, c.callback_on_step_end_tensor_inputs, c.max_sequence_length)
+        self.check_transformer()
+        self._guidance_scale = c.guidance_scale
+        self._joint_attention_kwargs = dict(c.joint_attention_kwargs or {})
         self._current_timestep = None
         self._interrupt = False
-        batch_size = len(_as_list(prompt)) if prompt is not None else prompt_embeds.shape[0]
-        has_neg_prompt = negative_prompt is not None or (
-            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
-        lora_scale = self._joint_attention_kwargs.get("scale")  # also for CLIP's adapters, as diffusers
+        batch_size = len(_as_list(c.prompt)) if c.prompt is not None else c.prompt_embeds.shape[0]
+        batch = batch_size * c.num_images_per_prompt
 
-        # 2. prompt -> T5 embeddings (B*n, L, D) and CLIP pooled (B*n, P)
+        # 2. prompts -> T5 embeddings (B*n, L, D), CLIP pooled (B*n, P)
         start = time.perf_counter()
-        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
-            prompt, prompt_2, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds, max_sequence_length,
-            lora_scale)
-        if do_true_cfg:
-            # one negative prompt serves every prompt of the batch
-            negative_prompt, negative_prompt_2 = (
-                p * batch_size if p is not None and len(p) == 1 else p
-                for p in (_as_list(negative_prompt), _as_list(negative_prompt_2)))
-            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_prompt(
-                negative_prompt, negative_prompt_2, num_images_per_prompt, negative_prompt_embeds,
-                negative_pooled_prompt_embeds, max_sequence_length, lora_scale)
-        if self._release_text_encoders and self.text_encoder is not None:
-            self.release_text_encoders()
+        text, negative = self._encode_call_prompts(c, batch_size)
         synchronize()
         self.timings = {"text_encoding_s": time.perf_counter() - start}
 
-        # 3. initial noise, packed: latents (B*n, N, 64), latent_image_ids (N, 3)
-        dtype = self.transformer.dtype
-        num_channels_latents = self.transformer.config.in_channels // 4
-        latents, latent_image_ids = self.prepare_latents(batch_size * num_images_per_prompt, num_channels_latents,
-                                                         height, width, dtype, generator, latents)
-        batch = latents.shape[0]
-        prompt_embeds, pooled_prompt_embeds = prompt_embeds.astype(dtype), pooled_prompt_embeds.astype(dtype)
-        if do_true_cfg:
-            negative_prompt_embeds = negative_prompt_embeds.astype(dtype)
-            negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.astype(dtype)
-        if prompt_embeds.shape[0] != batch:
-            raise ValueError(f"{prompt_embeds.shape[0]} prompt embeddings for {batch} images")
-
-        # 4. timesteps (steps,): sigmas shifted by mu from the image sequence length
-        timesteps = self.prepare_timesteps(num_inference_steps, latents.shape[1], sigmas)
+        # 3. timesteps (steps,): sigmas shifted by mu from the image sequence length
+        h, w = latent_size(c.height, c.width, self.vae_scale_factor)
+        timesteps = self.schedule(c, self.prepare_timesteps(c.num_inference_steps, (h // 2) * (w // 2), c.sigmas))
         self._num_timesteps = len(timesteps)
-        # FLUX.1-dev embeds the guidance scale; schnell has no guidance embedding.
-        guidance = Tensor(np.full((batch,), guidance_scale, np.float32)) if self.transformer.config.guidance_embeds \
-            else None
 
-        # 5. denoising loop: the transformer compiles once per shape in graph mode; the scheduler runs here
+        # 4. starting latents (B*n, N, 64) and the pipeline's conditioning; int seeds become one numpy
+        # Generator each, so successive draws (VAE posterior, then noise) differ
+        dtype = self.transformer.dtype
+        generator = [_rng(g) for g in c.generator] if isinstance(c.generator, (list, tuple)) else _rng(c.generator)
+        latents, conditioning = self.prepare_conditioning(c, batch, dtype, timesteps, generator)
+        if text.prompt_embeds.shape[0] != latents.shape[0]:
+            raise ValueError(f"{text.prompt_embeds.shape[0]} prompt embeddings for {latents.shape[0]} images")
+        # FLUX.1-dev embeds the guidance scale; schnell has no guidance embedding.
+        guidance = Tensor(np.full((latents.shape[0],), c.guidance_scale, np.float32)) \
+            if self.transformer.config.guidance_embeds else None
+
+        # 5. the loop: the transformer compiles once per shape in graph mode; the scheduler runs here
         start = time.perf_counter()
-        self.scheduler.set_begin_index(0)
-        self.transformer.reset_cache(len(timesteps))  # a step cache (enable_cache) starts afresh per call
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                timestep = Tensor(np.full((batch,), t, np.float32)).astype(latents.dtype) / 1000
-                with self.transformer.cache_context("cond"):
-                    noise_pred = self.transformer(
-                        hidden_states=latents, timestep=timestep, guidance=guidance,
-                        pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds,
-                        txt_ids=text_ids, img_ids=latent_image_ids,
-                        joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False)[0]  # (B*n, N, 64)
-                if do_true_cfg:
-                    with self.transformer.cache_context("uncond"):
-                        neg_noise_pred = self.transformer(
-                            hidden_states=latents, timestep=timestep, guidance=guidance,
-                            pooled_projections=negative_pooled_prompt_embeds,
-                            encoder_hidden_states=negative_prompt_embeds, txt_ids=negative_text_ids,
-                            img_ids=latent_image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
-                            return_dict=False)[0]
-                    noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    requested = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, requested) or {}
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                progress_bar.update()
+        latents = denoise(self, latents, timesteps, text, conditioning, guidance, negative, c.true_cfg_scale,
+                          c.callback_on_step_end, c.callback_on_step_end_tensor_inputs)
         synchronize()
         self.timings.update(denoising_s=time.perf_counter() - start, steps=len(timesteps))
-        self._current_timestep = None
 
         # 6. unpack, denormalize, VAE decode, [-1, 1] -> [0, 1]
         start = time.perf_counter()
-        if output_type == "latent":
+        if c.output_type == "latent":
             image = latents
         else:
-            image = self.postprocess(self.decode_latents(latents, height, width), output_type)
+            image = self.finish(c, self.postprocess(self.decode_latents(latents, c.height, c.width), c.output_type))
         self.timings["decoding_s"] = time.perf_counter() - start
-        return FluxPipelineOutput(images=image) if return_dict else (image,)
+        return FluxPipelineOutput(images=image) if c.return_dict else (image,)
+
+    def _encode_call_prompts(self, c: SimpleNamespace,
+                             batch_size: int) -> tuple[TextConditioning, TextConditioning | None]:
+        """The prompt's conditioning, and the negative prompt's when true CFG is on, in the transformer's dtype."""
+        dtype = self.transformer.dtype
+        lora_scale = self._joint_attention_kwargs.get("scale")  # also for CLIP's adapters, as diffusers
+        embeds, pooled, text_ids = self.encode_prompt(c.prompt, c.prompt_2, c.num_images_per_prompt, c.prompt_embeds,
+                                                      c.pooled_prompt_embeds, c.max_sequence_length, lora_scale)
+        text = TextConditioning(embeds.astype(dtype), pooled.astype(dtype), text_ids)
+        negative = None
+        has_neg_prompt = c.negative_prompt is not None or (
+            c.negative_prompt_embeds is not None and c.negative_pooled_prompt_embeds is not None)
+        if c.true_cfg_scale > 1 and has_neg_prompt:
+            # one negative prompt serves every prompt of the batch
+            neg_prompt, neg_prompt_2 = (p * batch_size if p is not None and len(p) == 1 else p
+                                        for p in (_as_list(c.negative_prompt), _as_list(c.negative_prompt_2)))
+            embeds, pooled, text_ids = self.encode_prompt(
+                neg_prompt, neg_prompt_2, c.num_images_per_prompt, c.negative_prompt_embeds,
+                c.negative_pooled_prompt_embeds, c.max_sequence_length, lora_scale)
+            negative = TextConditioning(embeds.astype(dtype), pooled.astype(dtype), text_ids)
+        if self._release_text_encoders and self.text_encoder is not None:
+            self.release_text_encoders()
+        return text, negative
+
+
+def _rng(generator: Generator | None) -> np.random.Generator | None:
+    """An int seed as a fresh numpy Generator (diffusers' torch.Generator().manual_seed(seed))."""
+    return np.random.default_rng(int(generator)) if isinstance(generator, (int, np.integer)) and \
+        not isinstance(generator, bool) else generator
 
 
 __all__ = ["FluxPipeline", "FluxPipelineOutput"]

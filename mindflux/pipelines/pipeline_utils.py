@@ -45,10 +45,13 @@ def _component_classes() -> dict[str, tuple[str, type]]:
     return classes
 
 
-def _pipeline_classes() -> dict[str, type]:
-    from .flux import FluxPipeline
+# model_index.json "_class_name" -> pipeline class; every subclass of DiffusionPipeline adds itself when it is
+# defined (mindflux.pipelines imports them all), so this module needs no import of the pipelines above it.
+_PIPELINES: dict[str, type] = {}
 
-    return {"FluxPipeline": FluxPipeline}
+
+def _pipeline_classes() -> dict[str, type]:
+    return dict(_PIPELINES)
 
 
 class DiffusionPipeline:
@@ -60,6 +63,10 @@ class DiffusionPipeline:
 
     config_name = MODEL_INDEX
     _optional_components: list[str] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _PIPELINES[cls.__name__] = cls
 
     # ---- components -------------------------------------------------------------------------
     def register_modules(self, **components: Any) -> None:

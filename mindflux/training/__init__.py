@@ -1,5 +1,7 @@
-"""DreamBooth LoRA training: the core (flow matching, optimizers, LR schedules, precision, the train step) and
-the run around it (dataset, checkpoint, distributed, reporting, generation, model_card, dreambooth)."""
+"""LoRA training: the core (flow matching, optimizers, LR schedules, precision, the train step) and the run
+around it: run_config, arguments, dataset, prompts, batches, train_state (over checkpoint), distributed,
+reporting, validation (with generation), export (with model_card), and the two trainers, dreambooth and
+kontext."""
 
 from .flow_matching import (
     WEIGHTING_SCHEMES,

@@ -57,13 +57,17 @@ def compute_density_for_timestep_sampling(weighting_scheme: str, batch_size: int
                                           logit_std: float = 1.0, mode_scale: float = 1.29,
                                           generator: np.random.Generator | None = None) -> np.ndarray:
     """(batch_size,) float32 u, drawn on the host with `generator`, as diffusers' function of the same name."""
+    draws = draw_density(weighting_scheme, batch_size, generator)
+    return density_from_draws(weighting_scheme, draws, logit_mean, logit_std, mode_scale)
+
+
+def draw_density(weighting_scheme: str, batch_size: int, generator: np.random.Generator | None = None) -> np.ndarray:
+    """The raw float32 draws behind u: standard normals for "logit_normal", uniforms in [0, 1) otherwise."""
     _check_scheme(weighting_scheme)
     rng = generator if generator is not None else np.random.default_rng()
     if weighting_scheme == "logit_normal":
-        draws = rng.standard_normal(batch_size, dtype=np.float32)
-    else:
-        draws = rng.random(batch_size, dtype=np.float32)
-    return density_from_draws(weighting_scheme, draws, logit_mean, logit_std, mode_scale)
+        return rng.standard_normal(batch_size, dtype=np.float32)
+    return rng.random(batch_size, dtype=np.float32)
 
 
 def compute_loss_weighting_for_sd3(weighting_scheme: str, sigmas):
@@ -128,6 +132,10 @@ class FlowMatchingSampler:
         if generator is None or isinstance(generator, (int, np.integer)):
             generator = np.random.default_rng(generator)
         self.generator = generator
+
+    def density_from_draws(self, draws: np.ndarray) -> np.ndarray:
+        """u from raw draws (see draw_density) with this sampler's scheme and parameters."""
+        return density_from_draws(self.weighting_scheme, draws, self.logit_mean, self.logit_std, self.mode_scale)
 
     def sigmas_from_density(self, u: np.ndarray, image_seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(sigmas, transformer timesteps) for densities u, both (B,) float32."""

@@ -19,7 +19,8 @@ def _yaml_string(value: str) -> str:
 
 def write_model_card(output_dir: str, args: dict[str, Any], images: list[str] | None = None,
                      validation_prompt: str | None = None, steps: int | None = None,
-                     kohya_file: str | None = None, weight_name: str = "pytorch_lora_weights.safetensors") -> str:
+                     kohya_file: str | None = None, weight_name: str = "pytorch_lora_weights.safetensors",
+                     pipeline_class: str = "FluxPipeline", title: str = "FLUX DreamBooth LoRA") -> str:
     """Write `output_dir/README.md`; `images` are paths relative to output_dir. Returns the card's path."""
     base_model = str(args.get("pretrained_model_name_or_path"))
     instance_prompt = str(args.get("instance_prompt"))
@@ -35,7 +36,7 @@ def write_model_card(output_dir: str, args: dict[str, Any], images: list[str] | 
              + (f"widget:\n{widget}" if widget else "") + "---\n")
     prompt = validation_prompt or instance_prompt
     lines = [
-        f"# FLUX DreamBooth LoRA - {os.path.basename(os.path.abspath(output_dir))}",
+        f"# {title} - {os.path.basename(os.path.abspath(output_dir))}",
         "",
         f"LoRA weights for `{base_model}`, trained with DreamBooth by mindflux "
         "(train/train_dreambooth_lora_flux.py, MindSpore)" + (f" for {steps} steps." if steps else "."),
@@ -58,8 +59,8 @@ def write_model_card(output_dir: str, args: dict[str, Any], images: list[str] | 
         "",
         "```py",
         "import torch",
-        "from diffusers import FluxPipeline",
-        f"pipe = FluxPipeline.from_pretrained({base_model!r}, torch_dtype=torch.bfloat16).to('cuda')",
+        f"from diffusers import {pipeline_class}",
+        f"pipe = {pipeline_class}.from_pretrained({base_model!r}, torch_dtype=torch.bfloat16).to('cuda')",
         f"pipe.load_lora_weights('<this folder>', weight_name={weight_name!r})",
         f"image = pipe({prompt!r}).images[0]",
         "```",
@@ -67,8 +68,8 @@ def write_model_card(output_dir: str, args: dict[str, Any], images: list[str] | 
         "## Use it with mindflux (MindSpore)",
         "",
         "```py",
-        "from mindflux import FluxPipeline",
-        f"pipe = FluxPipeline.from_pretrained({base_model!r}, mindspore_dtype='bf16')",
+        f"from mindflux.pipelines import {pipeline_class}",
+        f"pipe = {pipeline_class}.from_pretrained({base_model!r}, mindspore_dtype='bf16')",
         "pipe.load_lora_weights('<this folder>')",
         f"image = pipe({prompt!r}).images[0]",
         "```",

@@ -39,7 +39,7 @@ _RUN_OUTPUT_PATTERNS = (re.compile(r"^image_\d+\.png$"), re.compile(rf"^{CHECKPO
 IDENTITY_PATHS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "precomputed_prompt_embeds")
 IDENTITY_VALUES = ("instance_prompt", "class_prompt", "with_prior_preservation", "caption_column", "image_column",
                    "repeats", "resolution", "aspect_ratio_buckets", "center_crop", "rank", "lora_alpha",
-                   "lora_layers", "train_text_encoder")
+                   "lora_layers", "train_text_encoder", "cond_image_column")
 
 
 class OutputDirError(ValueError):

@@ -38,6 +38,8 @@ class FluxFlowMatchingLoss(nn.Cell):
     returns it; img_ids / txt_ids (seq, 3). Noisy input and target are computed in the weight dtype
     (as diffusers does), the loss in fp32. Packing into 2x2 patches is a permutation of the
     elements, so the per-sample mean is taken on the packed prediction and target directly.
+    Kontext: `cond_model_input` (B, C, h, w), the reference image's normalized latents, and img_ids
+    for the target's tokens then the reference's (first axis 1).
     """
 
     def __init__(self, transformer: nn.Cell, weighting_scheme: str = "none", with_prior_preservation: bool = False,
@@ -49,15 +51,22 @@ class FluxFlowMatchingLoss(nn.Cell):
         self.prior_loss_weight = prior_loss_weight
 
     def construct(self, model_input, noise, sigmas, timesteps, encoder_hidden_states, pooled_projections, img_ids,
-                  txt_ids, guidance=None):
+                  txt_ids, guidance=None, cond_model_input=None):
         dtype = model_input.dtype
         sigmas = sigmas.astype(dtype)
         s = sigmas.reshape(-1, 1, 1, 1)
         noise = noise.astype(dtype)
         noisy_model_input = (1.0 - s) * model_input + s * noise
-        model_pred = self.transformer(pack_latents(noisy_model_input), encoder_hidden_states, pooled_projections,
-                                      timesteps, img_ids, txt_ids, guidance, return_dict=False)[0]
+        hidden_states = pack_latents(noisy_model_input)
+        if cond_model_input is not None:
+            # Kontext: the reference image's clean tokens follow the noisy target's (img_ids cover both); the
+            # loss covers the target tokens only
+            hidden_states = ops.concat((hidden_states, pack_latents(cond_model_input)), axis=1)
+        model_pred = self.transformer(hidden_states, encoder_hidden_states, pooled_projections, timesteps, img_ids,
+                                      txt_ids, guidance, return_dict=False)[0]
         target = pack_latents(noise - model_input)
+        if cond_model_input is not None:
+            model_pred = model_pred[:, : target.shape[1]]
         weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
         return flow_matching_loss(model_pred, target, weighting, self.with_prior_preservation, self.prior_loss_weight)
 

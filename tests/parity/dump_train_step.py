@@ -48,11 +48,9 @@ def _loss(transformer, case: dict, scheme: str, prior: bool, prior_loss_weight: 
     """The loss lines of train_dreambooth_lora_flux.py (v0.35.2), with its tensors given."""
     import torch
     from diffusers import FluxPipeline
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     model_input, noise = case["model_input"], case["noise"]
     b, c, h, w = model_input.shape
-    vae_scale_factor = 8
     sigmas = case["sigmas"].view(-1, 1, 1, 1)
     noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
     packed = FluxPipeline._pack_latents(noisy_model_input, batch_size=b, num_channels_latents=c, height=h, width=w)
@@ -61,7 +59,20 @@ def _loss(transformer, case: dict, scheme: str, prior: bool, prior_loss_weight: 
                              pooled_projections=case["pooled_prompt_embeds"],
                              encoder_hidden_states=case["prompt_embeds"], txt_ids=case["text_ids"],
                              img_ids=case["latent_image_ids"], return_dict=False)[0]
-    model_pred = FluxPipeline._unpack_latents(model_pred, height=h * vae_scale_factor, width=w * vae_scale_factor,
+    return script_loss(model_pred, model_input, noise, sigmas, scheme, prior, prior_loss_weight)
+
+
+def script_loss(packed_pred, model_input, noise, sigmas, scheme: str, prior: bool, prior_loss_weight: float):
+    """From the packed prediction on: unpack, weighting, target, the prior split and the weighted MSE, as
+    train_dreambooth_lora_flux.py (v0.35.2) computes them."""
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    _, _, h, w = model_input.shape
+    vae_scale_factor = 8
+    sigmas = sigmas.view(-1, 1, 1, 1)
+    model_pred = FluxPipeline._unpack_latents(packed_pred, height=h * vae_scale_factor, width=w * vae_scale_factor,
                                               vae_scale_factor=vae_scale_factor)
     weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
     target = noise - model_input

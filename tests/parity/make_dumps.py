@@ -50,6 +50,13 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
         ("torch", "dump_lora:load_mindflux_files"),
     ],
     "train_step": [("torch", "dump_train_step:make_reference")],
+    "train_batch": [("torch", "dump_train_batch:make_reference")],
+    # after train_step and train_batch (their settings and images); the mindspore stage writes a mindflux file
+    "train_kontext": [
+        ("torch", "dump_train_kontext:make_reference"),
+        ("mindspore", "dump_train_kontext:write_mindflux_lora"),
+        ("torch", "dump_train_kontext:load_mindflux_lora"),
+    ],
     # after tokenizers: the pipeline's tokenizer folders are saved from these
     # after transformer: fp8 and GGUF files of its flux_dev model
     "sources": [("torch", "dump_sources:make_reference")],
@@ -61,6 +68,8 @@ TOPICS: dict[str, list[tuple[str, str]]] = {
     ],
     # after pipeline: runs its tiny_flux folder with diffusers' FirstBlockCacheConfig
     "cache": [("torch", "dump_cache:make_reference")],
+    # after pipeline: the family pipelines use its tiny_flux folder
+    "pipelines": [("torch", "dump_pipelines:make_reference")],
 }
 
 
