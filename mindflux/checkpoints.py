@@ -52,6 +52,10 @@ class SafetensorsCheckpoint:
             values = values * _broadcast_scale(self.st.get_float32(scale_key), values, scale_key)
         return values, "F32"
 
+    def release(self, name: str) -> None:
+        """Drop `name`'s file pages from resident memory once copied (SafetensorsFile.release)."""
+        self.st.release(name)
+
 
 def _broadcast_scale(scale: np.ndarray, values: np.ndarray, key: str) -> np.ndarray:
     if scale.size == 1:
@@ -100,6 +104,9 @@ class GGUFCheckpoint:
             raise ValueError(f"{self.path}: tensor {name!r} is {kind.name}, which the gguf package cannot "
                              "dequantise") from None
         return np.asarray(values, np.float32).reshape(self.shape(name)), "F32"
+
+    def release(self, name: str) -> None:
+        """Nothing to drop: the gguf reader's arrays are read per call."""
 
 
 def is_gguf(path: str) -> bool:
