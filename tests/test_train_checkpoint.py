@@ -150,3 +150,20 @@ def test_reporter_is_silent_off_the_main_process_and_refuses_missing_tensorboard
     reporter.log_step(1, 0, 0.1, 1e-4)
     reporter.close()
     assert (tmp_path / "b" / "train_log.jsonl").is_file() and reporter.writer is None
+
+
+def test_the_lora_file_keeps_clip_in_fp32_when_the_transformer_is_bf16(tmp_path):
+    """export.LoraExport writes through lora.loader.write_lora: the transformer's weights in the run's precision,
+    a trained CLIP's in fp32 (as diffusers saves them), scalars in fp32."""
+    from mindflux.lora.loader import write_lora
+    from mindflux.safetensors_io import SafetensorsFile
+
+    tensors = {"transformer.a.lora_A.weight": np.ones((2, 3), np.float32),
+               "text_encoder.q_proj.lora_A.weight": np.ones((2, 3), np.float32),
+               "transformer.a.alpha": np.asarray(4.0, np.float32)}
+    path = str(tmp_path / "lora.safetensors")
+    write_lora(path, tensors, dtype="bf16", fp32_prefixes=("text_encoder.",))
+    header = SafetensorsFile(path)
+    assert {k: header.dtype(k) for k in header.keys()} == {"transformer.a.lora_A.weight": "BF16",
+                                                           "text_encoder.q_proj.lora_A.weight": "F32",
+                                                           "transformer.a.alpha": "F32"}
