@@ -116,6 +116,7 @@ def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_over(workdir, tmp
     ("--guidance_scale", "nan", "--guidance_scale must be a finite number"),
     ("--adam_beta2", "1", "--adam_beta2 must be in [0, 1); got 1"),
     ("--max_grad_norm", "-1", "--max_grad_norm must be in (0, inf); got -1"),
+    ("--seed", "-1", "--seed must be in [0, inf); got -1"),
 ])
 def test_nonsense_numbers_are_refused_naming_the_option(workdir, tmp_path, capsys, option, value, message):
     with pytest.raises(SystemExit) as exit_info:

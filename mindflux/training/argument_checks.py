@@ -25,6 +25,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "adam_weight_decay": (0.0, True, None, False),
     "adam_weight_decay_text_encoder": (0.0, True, None, False),
     "max_grad_norm": (0.0, False, None, False),
+    "seed": (0, True, None, False),  # numpy's SeedSequence takes no negative seed
     "logit_std": (0.0, False, None, False),
 }
 # only finite (no range): NaN or inf here would poison every step

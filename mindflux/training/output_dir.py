@@ -9,8 +9,11 @@
 - `run_identity(args)` is what defines a run (model, data, LoRA shape); checkpoints record it so a
   resume into a different run is refused (see checkpoint.check_resume).
 
-Under msrun the scheduler process (one per job, alive for the whole job) takes the lock and moves
-old files before the workers pass `init()`; the workers do not touch it.
+Under msrun there is no lock: a process that stops before `init()` leaves the others waiting
+there for the cluster (measured: a scheduler that refused the folder left both workers hanging),
+and msrun's scheduler ends inside `init()` without unwinding, so it could not release one. Every
+process makes the same earlier-results check instead, so all stop together; with
+--overwrite_output_dir the scheduler alone moves the old files, before any worker passes `init()`.
 """
 
 from __future__ import annotations
@@ -137,36 +140,37 @@ def release_lock(path: str) -> None:
             pass
 
 
-def takes_output_lock() -> bool:
-    """One process per run: a plain run, or msrun's scheduler process."""
-    launched = os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED") and "MS_WORKER_NUM" in os.environ
-    return not launched or os.environ.get("MS_ROLE") == "MS_SCHED"
-
-
 @contextmanager
 def claim_output_dir(output_dir: str, resume: bool, overwrite: bool = False,
                      logging_dir: str | None = None) -> Iterator[None]:
     """Hold `output_dir` for one run: lock it, and for a fresh run check (or, with overwrite, move aside) an
     earlier run's results. Nothing is written or moved when the checks fail."""
-    if not takes_output_lock():
+    role = os.environ.get("MS_ROLE") if "MS_WORKER_NUM" in os.environ else None
+    if role in ("MS_WORKER", "MS_SCHED"):  # msrun: no lock (see the module's docstring)
+        if not (role == "MS_WORKER" and overwrite):
+            _check_earlier_outputs(output_dir, resume, overwrite, logging_dir)
         yield
         return
     os.makedirs(output_dir, exist_ok=True)
     lock = acquire_lock(output_dir)
     try:
-        found = [] if resume else earlier_outputs(output_dir)
-        if found:
-            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-            if not overwrite:
-                raise OutputDirError(f"--output_dir {output_dir} already holds an earlier run's results ({shown}): "
-                                     "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
-                                     "start over (its files are moved into a previous-N folder), or choose another "
-                                     "--output_dir")
-            target = move_aside(output_dir, found, logging_dir)
-            logger.warning("--overwrite_output_dir: moved the earlier run's files (%s) to %s", shown, target)
+        _check_earlier_outputs(output_dir, resume, overwrite, logging_dir)
         yield
     finally:
         release_lock(lock)
+
+
+def _check_earlier_outputs(output_dir: str, resume: bool, overwrite: bool, logging_dir: str | None) -> None:
+    found = [] if resume else earlier_outputs(output_dir)
+    if not found:
+        return
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if not overwrite:
+        raise OutputDirError(f"--output_dir {output_dir} already holds an earlier run's results ({shown}): pass "
+                             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over "
+                             "(its files are moved into a previous-N folder), or choose another --output_dir")
+    target = move_aside(output_dir, found, logging_dir)
+    logger.warning("--overwrite_output_dir: moved the earlier run's files (%s) to %s", shown, target)
 
 
 def interrupted_message(output_dir: str) -> str:
