@@ -94,12 +94,16 @@ def test_decode_step_matches_diffusers(components):
 
 
 def test_kontext_sizes():
-    from mindflux.pipelines.flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS, fit_to_area, preferred_kontext_size
+    """The output size (max_area at the requested aspect ratio) and the reference image's size (the preferred
+    Kontext resolution nearest its aspect ratio, or its own) that diffusers chose for the same arguments."""
+    from mindflux.pipelines.flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS, kontext_sizes
 
     assert [list(r) for r in PREFERRED_KONTEXT_RESOLUTIONS] == META["preferred_kontext_resolutions"]
-    assert preferred_kontext_size(768, 1024) == (880, 1184)  # 4:3 landscape: width 1184 / height 880
-    assert preferred_kontext_size(1000, 1000) == (1024, 1024)
-    assert fit_to_area(1024, 768, 1024 ** 2) == (1168, 880)
+    for expected in META["kontext_sizes"]:
+        image_height, image_width, height, width, max_area, auto = expected["case"]
+        size, reference = kontext_sizes(height or 1024, width or 1024, max_area, (image_height, image_width), auto)
+        assert size == (expected["height"], expected["width"]) and \
+            reference == (expected["image_height"], expected["image_width"]), expected
 
 
 def test_dispatch_from_model_index_and_inputs(tmp_path):

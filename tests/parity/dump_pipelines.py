@@ -169,6 +169,39 @@ def run_case(components: dict, out: Path, name: str, generator) -> dict:
     return {f"{name}.{k}": v for k, v in arrays.items()}
 
 
+# (image height, image width, height, width, max_area, _auto_resize) -> the sizes diffusers' Kontext call picks
+KONTEXT_SIZE_CASES = [(768, 1024, None, None, 1024 ** 2, True), (1000, 1000, 512, 768, 512 ** 2, True),
+                      (90, 110, 64, 48, 64 * 48, False), (1200, 500, 1024, 1024, 1024 ** 2, True)]
+
+
+def kontext_sizes(components: dict) -> list[dict]:
+    """The output size and the reference image's size diffusers' FluxKontextPipeline chooses, read where it
+    prepares the latents (the call stops there, before any denoising)."""
+    import torch
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    class Stop(Exception):
+        pass
+
+    pipe = FluxKontextPipeline(**components)
+    found = []
+
+    def prepare_latents(image, batch_size, channels, height, width, *args, **kwargs):
+        found.append(dict(height=height, width=width, image_height=image.shape[2], image_width=image.shape[3]))
+        raise Stop
+
+    pipe.prepare_latents = prepare_latents
+    embeds, pooled = torch.zeros(1, 4, 32), torch.zeros(1, 16)
+    for image_height, image_width, height, width, max_area, auto in KONTEXT_SIZE_CASES:
+        try:
+            pipe(image=Image.new("RGB", (image_width, image_height)), prompt_embeds=embeds,
+                 pooled_prompt_embeds=pooled, height=height, width=width, max_area=max_area, _auto_resize=auto)
+        except Stop:
+            found[-1].update(case=[image_height, image_width, height, width, max_area, auto])
+    return found
+
+
 def make_reference(out: Path) -> None:
     import numpy as np
     import torch
@@ -200,5 +233,6 @@ def make_reference(out: Path) -> None:
         arrays.update({"decode.latents": latents, "decode.images": base.image_processor.postprocess(
             decoded, output_type="pt").permute(0, 2, 3, 1)})
     save_arrays(out / "cases.safetensors", arrays)
-    meta = {"cases": CASES, "preferred_kontext_resolutions": [list(r) for r in PREFERRED_KONTEXT_RESOLUTIONS]}
+    meta = {"cases": CASES, "preferred_kontext_resolutions": [list(r) for r in PREFERRED_KONTEXT_RESOLUTIONS],
+            "kontext_sizes": kontext_sizes(dict(base.components, vae=vae))}
     (out / "cases.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
