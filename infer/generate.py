@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free CLIP and T5 (9.8 GB in bf16) after encoding every prompt, before denoising")
     p.add_argument("--vae_tiling", action="store_true",
                    help="VAE-decode in overlapping 512-pixel tiles (less memory; FLUX's own tile size is 1024)")
+    p.add_argument("--image", help="an input image: img2img with a FLUX.1-dev/schnell model, editing with Kontext; "
+                                   "sets the default --height/--width (see docs/inference.md)")
+    p.add_argument("--mask_image", help="with --image: inpaint (dev/schnell) or fill (FLUX.1-Fill) where it is white")
+    p.add_argument("--control_image", help="a Canny / depth map for FLUX.1-Canny/Depth-dev or a control --lora")
+    p.add_argument("--strength", type=float,
+                   help="with --image: how much of the schedule runs, in [0, 1] (default: the pipeline's, 0.6)")
     p.add_argument("--output_dir", default="outputs", help="where the PNGs go (default outputs/)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
@@ -179,11 +185,18 @@ def png_info(metadata: dict[str, object]):
 def run(args) -> None:
     loras = check_args(args)
     prompts = read_prompts(args)
+    from mindflux.pipelines.auto import call_arguments_for, image_arguments, pipeline_class_for
+
+    # which family member (img2img, inpaint, Kontext, Fill, Control) and its images: checked before loading
+    pipeline_class = pipeline_class_for(args.model, image=args.image is not None,
+                                        mask_image=args.mask_image is not None,
+                                        control_image=args.control_image is not None, control_lora=bool(loras))
+    image_call, image_metadata = image_arguments(args.image, args.mask_image, args.control_image, args.strength,
+                                                 args.height, args.width)
 
     import mindspore as ms
 
     import mindflux
-    from mindflux import FluxPipeline
     from mindflux.pipelines.pipeline_utils import synchronize
 
     device = mindflux.set_device(args.device, args.mode)
@@ -194,7 +207,7 @@ def run(args) -> None:
     print(f"device {device}, {args.mode} mode, {dtype}; loading {args.model}", flush=True)
 
     start = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(args.model, mindspore_dtype=dtype)
+    pipe = pipeline_class.from_pretrained(args.model, mindspore_dtype=dtype)
     if loras:
         load_loras(pipe, loras, args.fuse_lora)
     if args.vae_tiling:
@@ -236,7 +249,7 @@ def run(args) -> None:
             pipe.set_progress_bar_config(desc=f"image {index + 1}/{total}", leave=False)
             image = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative[0],
                          negative_pooled_prompt_embeds=negative[1], true_cfg_scale=args.true_cfg_scale,
-                         height=args.height, width=args.width, num_inference_steps=steps,
+                         **call_arguments_for(pipeline_class, image_call), num_inference_steps=steps,
                          guidance_scale=args.guidance_scale, generator=seed, output_type="pil",
                          callback_on_step_end=stamp).images[0]
             between = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -248,7 +261,8 @@ def run(args) -> None:
                         "true_cfg_scale": args.true_cfg_scale if do_cfg else None, "height": image.height,
                         "width": image.width, "model": os.path.basename(os.path.normpath(args.model)),
                         "lora": " ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras) or None,
-                        "dtype": dtype, "software": f"mindflux {mindflux.__version__}, MindSpore {ms.__version__}"}
+                        "dtype": dtype, "software": f"mindflux {mindflux.__version__}, MindSpore {ms.__version__}",
+                        **image_metadata}
             path = os.path.join(args.output_dir, f"{index:03d}_seed{seed}.png")
             image.save(path, pnginfo=png_info(metadata))
             print(f"{path}  ({prompt[:60]}{'...' if len(prompt) > 60 else ''})", flush=True)

@@ -11,11 +11,21 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "None of PyTo
 from .device import get_device, set_device  # noqa: E402
 from .modeling_utils import ModelMixin, WeightsLoadingError  # noqa: E402
 from .models import AutoencoderKL, CLIPTextModel, FluxTransformer2DModel, T5EncoderModel  # noqa: E402
-from .pipelines import DiffusionPipeline, FluxPipeline, FluxPipelineOutput  # noqa: E402
+from .pipelines import (  # noqa: E402
+    DiffusionPipeline,
+    FluxControlPipeline,
+    FluxFillPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxPipelineOutput,
+)
 from .schedulers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoencoderKL", "CLIPTextModel", "DiffusionPipeline", "FlowMatchEulerDiscreteScheduler", "FluxPipeline",
-           "FluxPipelineOutput", "FluxTransformer2DModel", "ModelMixin", "T5EncoderModel", "WeightsLoadingError",
-           "get_device", "set_device"]
+__all__ = ["AutoencoderKL", "CLIPTextModel", "DiffusionPipeline", "FlowMatchEulerDiscreteScheduler",
+           "FluxControlPipeline", "FluxFillPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline",
+           "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "FluxTransformer2DModel", "ModelMixin",
+           "T5EncoderModel", "WeightsLoadingError", "get_device", "set_device"]

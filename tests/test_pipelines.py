@@ -155,3 +155,33 @@ def test_bad_inputs_fail_before_model_work(components, transformers, tmp_path):
             **call, image=image)
     with pytest.raises(TypeError, match=r"unexpected arguments \['mask_image'\]"):
         pipelines.FluxImg2ImgPipeline(**bare)(**call, image=image, mask_image=mask)
+
+
+def test_control_lora_widens_x_embedder_as_diffusers(components):
+    """A control LoRA's x_embedder adapter reads 128 channels: loading it into the 64-wide dev transformer widens
+    x_embedder (zero columns) and in_channels, and the transformer then gives diffusers' outputs."""
+    transformer = FluxTransformer2DModel.from_pretrained(str(FIXTURES / "pipeline" / "tiny_flux" / "transformer"))
+    pipe = pipelines.FluxControlPipeline(**dict(components, transformer=transformer))
+    pipe.load_lora_weights(str(DUMPS / "control_lora.safetensors"))
+    assert pipe.transformer.config.in_channels == 128
+    pipe.check_transformer()  # the control pipeline now takes it
+    names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance", "img_ids",
+             "txt_ids")
+    output = pipe.transformer(**{n: Tensor(REF[f"control_lora.{n}"]) for n in names}, return_dict=False)[0]
+    expected = REF["control_lora.output"]
+    assert max_abs_diff(output, expected) <= 1e-4 * np.abs(expected).max()  # measured 1.9e-5, as the LoRA files
+
+
+def test_single_file_in_channels_from_img_in(tmp_path):
+    """A BFL single file of FLUX.1-Fill (img_in 384 wide) builds a transformer with in_channels 384."""
+    from mindflux.safetensors_io import load_file, save_file
+
+    state = load_file(str(FIXTURES / "transformer" / "flux_dev_bfl.safetensors"))
+    weight = np.asarray(state["img_in.weight"], np.float32)
+    wide = np.concatenate([weight, np.random.default_rng(0).standard_normal(
+        (weight.shape[0], 384 - weight.shape[1])).astype(np.float32)], axis=1)
+    state["img_in.weight"] = wide
+    save_file({k: (np.asarray(v, np.float32), "F32") for k, v in state.items()}, str(tmp_path / "fill.safetensors"))
+    model = FluxTransformer2DModel.from_single_file(str(tmp_path / "fill.safetensors"), axes_dims_rope=[4, 6, 6])
+    assert model.config.in_channels == 384 and model.config.out_channels == state["final_layer.linear.weight"].shape[0]
+    np.testing.assert_array_equal(model.x_embedder.weight.asnumpy(), wide)

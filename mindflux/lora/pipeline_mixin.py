@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .expand import widen_for_lora
 from .formats import FORMATS, ConvertedLora, convert_to_diffusers
 from .kohya import save_kohya_lora
 from .loader import (
@@ -152,6 +153,8 @@ class FluxLoraLoaderMixin:
         for component in converted.base_weights:
             if component not in converted.layers:
                 raise LoraKeyError(f"{source} replaces {component} weights but has no LoRA layers for it")
+        if transformer is not None and converted.layers.get(self.transformer_name):
+            widen_for_lora(transformer, converted.layers[self.transformer_name])  # control LoRAs: x_embedder 64 -> 128
         done = []
         try:
             for model, layers, config, base_weights in plans:

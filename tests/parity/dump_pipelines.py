@@ -6,6 +6,7 @@ text encoders, tokenizers, scheduler and the dev transformer):
                         those channels): a posterior sample equals its mean to 3e-7, so image -> latents is exact
   transformer_fill/     a FLUX.1-Fill-shaped transformer (x_embedder 384 wide: 64 latent + 64 masked image + 256 mask)
   transformer_control/  a FLUX.1-Canny/Depth-shaped transformer (x_embedder 128 wide: 64 latent + 64 control)
+  control_lora.safetensors  a control LoRA (x_embedder adapter 128 wide) that diffusers widened the dev transformer for
   inputs/               the PNGs the cases read (an image, a larger image that is resized, a mask, a control image)
   cases.safetensors     per case: images (np), the latents after every step, every random draw diffusers made
                         (draws.K, in order: VAE posterior samples and noise) and given `latents`
@@ -202,6 +203,40 @@ def kontext_sizes(components: dict) -> list[dict]:
     return found
 
 
+def control_lora(out: Path, components: dict, generator) -> dict:
+    """A Canny/Depth-style control LoRA (x_embedder adapter reading 128 channels, plus attention adapters) in
+    diffusers' format, loaded by diffusers into the 64-wide dev transformer; its widened config and outputs."""
+    import torch
+    from diffusers import FluxControlPipeline
+    from safetensors.torch import save_file
+
+    transformer = components["transformer"]
+    dim, rank = transformer.inner_dim, 4
+    state = {"transformer.x_embedder.lora_A.weight": 0.2 * torch.randn(rank, 128, generator=generator),
+             "transformer.x_embedder.lora_B.weight": 0.2 * torch.randn(dim, rank, generator=generator)}
+    for target in ("to_q", "to_k", "to_v"):
+        state[f"transformer.transformer_blocks.0.attn.{target}.lora_A.weight"] = \
+            0.2 * torch.randn(rank, dim, generator=generator)
+        state[f"transformer.transformer_blocks.0.attn.{target}.lora_B.weight"] = \
+            0.2 * torch.randn(dim, rank, generator=generator)
+    save_file(state, str(out / "control_lora.safetensors"))
+    from diffusers import FluxTransformer2DModel
+
+    fresh = FluxTransformer2DModel.from_pretrained(str(pipeline_folder(out) / "transformer"))
+    pipe = FluxControlPipeline(**dict(components, transformer=fresh))
+    pipe.load_lora_weights(str(out / "control_lora.safetensors"))
+    inputs = dict(hidden_states=torch.randn(2, 12, 128, generator=generator),
+                  encoder_hidden_states=torch.randn(2, 4, 32, generator=generator),
+                  pooled_projections=torch.randn(2, 16, generator=generator), timestep=torch.tensor([0.7, 0.3]),
+                  guidance=torch.tensor([3.5, 3.5]), img_ids=torch.zeros(12, 3), txt_ids=torch.zeros(4, 3))
+    inputs["img_ids"][:, 1] = torch.arange(12) // 4
+    inputs["img_ids"][:, 2] = torch.arange(12) % 4
+    with torch.no_grad():
+        output = pipe.transformer(**inputs, return_dict=False)[0]
+    assert pipe.transformer.config.in_channels == 128
+    return {**{f"control_lora.{k}": v for k, v in inputs.items()}, "control_lora.output": output}
+
+
 def make_reference(out: Path) -> None:
     import numpy as np
     import torch
@@ -232,7 +267,9 @@ def make_reference(out: Path) -> None:
         decoded = vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
         arrays.update({"decode.latents": latents, "decode.images": base.image_processor.postprocess(
             decoded, output_type="pt").permute(0, 2, 3, 1)})
+    arrays.update(control_lora(out, {k: v for k, v in base.components.items()
+                                     if k not in ("image_encoder", "feature_extractor")}, generator))
     save_arrays(out / "cases.safetensors", arrays)
     meta = {"cases": CASES, "preferred_kontext_resolutions": [list(r) for r in PREFERRED_KONTEXT_RESOLUTIONS],
-            "kontext_sizes": kontext_sizes(dict(base.components, vae=vae))}
+            "kontext_sizes": kontext_sizes(dict(base.components))}
     (out / "cases.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
