@@ -276,6 +276,11 @@ def test_loads_like_diffusers_and_saves_what_diffusers_loads(pipe, tmp_path):
     # reference images from again (tests/parity/dump_pipeline.py): so diffusers loads today's folder too.
     from tests.parity.make_dumps import digest
 
-    assert digest(tmp_path) == json.loads((DUMPS / "mindflux_saved.json").read_text(encoding="utf-8"))
+    # (Tokenizer files are transformers' own and carry the padding state of the last encoding: left out.)
+    def written(found: dict) -> dict:
+        return {name: value for name, value in found.items() if not name.startswith("tokenizer")}
+
+    expected = written(json.loads((DUMPS / "mindflux_saved.json").read_text(encoding="utf-8")))
+    assert written(digest(tmp_path)) == expected and any(n.endswith(".safetensors") for n in expected)
     saved = load_cases(DUMPS / "mindflux_saved.safetensors")
     assert max_abs_diff(saved["dev.images"], REF["dev.images"]) <= 1e-6
