@@ -2,7 +2,9 @@
 (tests/parity/dump_pipelines.py): the same tiny models and input files, diffusers' own random draws fed through
 `noise_source`, every step's latents and the images compared; loading, dispatch and bad inputs."""
 
+import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -185,3 +187,52 @@ def test_single_file_in_channels_from_img_in(tmp_path):
     model = FluxTransformer2DModel.from_single_file(str(tmp_path / "fill.safetensors"), axes_dims_rope=[4, 6, 6])
     assert model.config.in_channels == 384 and model.config.out_channels == state["final_layer.linear.weight"].shape[0]
     np.testing.assert_array_equal(model.x_embedder.weight.asnumpy(), wide)
+
+
+def _generate_cli():
+    import sys
+
+    sys.path.insert(0, str(FIXTURES.parents[1] / "infer"))
+    import generate
+
+    return generate
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image", INPUTS / "image.png", "--mask_image", INPUTS / "large.png"], "--mask_image .* is 110x90 but --image"),
+    (["--image", INPUTS / "image.png", "--strength", "1.5"], r"--strength must be in \[0, 1\]; got 1.5"),
+    (["--mask_image", INPUTS / "mask.png"], "--mask_image needs --image"),
+    (["--control_image", INPUTS / "control.png"], "--control_image needs a control model"),
+    (["--image", "/no/such/image.png"], "--image /no/such/image.png: cannot read it"),
+])
+def test_generate_image_flags_fail_before_loading(flags, message, capsys):
+    generate = _generate_cli()
+    rc = generate.main(["--model", str(FIXTURES / "pipeline" / "tiny_flux"), "--prompt", "x", "--device", "cpu",
+                        *map(str, flags)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "loading" not in err
+    assert re.search(message, err), err
+
+
+def test_generate_inpaints_with_input_hashes(tmp_path, capsys):
+    """--image and --mask_image choose FluxInpaintPipeline; the PNG is the pipeline's and records the inputs."""
+    from PIL import Image
+
+    generate = _generate_cli()
+    model = FIXTURES / "pipeline" / "tiny_flux"
+    rc = generate.main(["--model", str(model), "--prompt", "a blue square", "--device", "cpu", "--mode", "pynative",
+                        "--max_sequence_length", "16", "--steps", "2", "--seed", "3", "--strength", "0.9",
+                        "--image", str(INPUTS / "image.png"), "--mask_image", str(INPUTS / "mask.png"),
+                        "--output_dir", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    image = Image.open(tmp_path / "000_seed3.png")
+    assert image.size == (48, 64)  # the input image's size
+    assert image.text["image_sha256"] == hashlib.sha256((INPUTS / "image.png").read_bytes()).hexdigest()
+    assert image.text["mask_image_sha256"] == hashlib.sha256((INPUTS / "mask.png").read_bytes()).hexdigest()
+    assert image.text["strength"] == "0.9"
+    pipe = pipelines.FluxInpaintPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a blue square", image=str(INPUTS / "image.png"), mask_image=str(INPUTS / "mask.png"),
+                    strength=0.9, height=64, width=48, num_inference_steps=2, guidance_scale=3.5, generator=3,
+                    max_sequence_length=16)
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.images[0]))
