@@ -75,15 +75,21 @@ def test_matches_diffusers(components, transformers, name):
     pipe = make_pipe(components, transformers, name)
     left = feed_draws(pipe, name)
     steps = []
-    images = pipe(**call_of(name), generator=0, output_type="np",
+    crop = CASES[name]["call"].get("padding_mask_crop") is not None  # PIL output, pasted into the original
+    images = pipe(**call_of(name), generator=0, output_type="pil" if crop else "np",
                   callback_on_step_end=lambda p, i, t, kw: steps.append(kw["latents"].asnumpy()) or {}).images
+    if crop:
+        images = np.stack([np.asarray(i, np.float32) / 255 for i in images])
     ref_steps = REF[f"{name}.step_latents"]
     assert len(steps) == len(ref_steps)
     for got, expected in zip(steps, ref_steps):
         assert max_abs_diff(got, expected) <= LATENT_TOL * np.abs(expected).max()
     ref = REF[f"{name}.images"]
     assert images.shape == ref.shape
-    assert max_abs_diff(images, ref) <= IMAGE_TOL
+    # 8-bit images: a value within 0.5/255 of a rounding edge may land one level away
+    assert max_abs_diff(images, ref) <= (1 / 255 + 1e-6 if crop else IMAGE_TOL)
+    if crop:
+        assert np.mean(np.abs(images - ref) > 1e-6) < 0.01
     # Inpaint's 64-channel transformer does not use the masked image, which diffusers still encodes (its last draw)
     assert len(left) == (1 if CASES[name]["pipeline"] == "FluxInpaintPipeline" else 0)
 

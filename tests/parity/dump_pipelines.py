@@ -36,7 +36,7 @@ CASES = {
         num_inference_steps=3, guidance_scale=3.5)),
     "inpaint_latents": dict(pipeline="FluxInpaintPipeline", latents=[2, 16, 8, 6], call=dict(
         prompt=PROMPTS[0], image="image.png", mask_image="mask.png", height=64, width=48, strength=1.0,
-        num_inference_steps=2, num_images_per_prompt=2, guidance_scale=3.5)),
+        num_inference_steps=2, num_images_per_prompt=2, guidance_scale=3.5, padding_mask_crop=4)),
     "kontext": dict(pipeline="FluxKontextPipeline", call=dict(
         prompt=PROMPTS, image="image.png", height=48, width=64, max_area=48 * 64, _auto_resize=False,
         num_inference_steps=3, guidance_scale=2.5)),
@@ -143,6 +143,7 @@ class DrawRecorder:
 
 def run_case(components: dict, out: Path, name: str, generator) -> dict:
     import diffusers
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -162,9 +163,13 @@ def run_case(components: dict, out: Path, name: str, generator) -> dict:
         steps.append(callback_kwargs["latents"].clone())
         return {}
 
+    # padding_mask_crop pastes PIL images back into the original: 8-bit output
+    output_type = "pil" if call.get("padding_mask_crop") is not None else "np"
     with torch.no_grad(), DrawRecorder() as recorder:
-        images = pipe(**call, generator=torch.Generator().manual_seed(COMMON["generator_seed"]), output_type="np",
-                      callback_on_step_end=record).images
+        images = pipe(**call, generator=torch.Generator().manual_seed(COMMON["generator_seed"]),
+                      output_type=output_type, callback_on_step_end=record).images
+    if output_type == "pil":
+        images = np.stack([np.asarray(i, np.float32) / 255 for i in images])
     arrays.update(images=torch.from_numpy(images), step_latents=torch.stack(steps))
     arrays.update({f"draws.{i}": d for i, d in enumerate(recorder.draws)})
     return {f"{name}.{k}": v for k, v in arrays.items()}
