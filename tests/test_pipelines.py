@@ -129,6 +129,12 @@ def test_dispatch_from_model_index_and_inputs(tmp_path):
         flags = {"FluxFillPipeline": dict(image=True, mask_image=True),
                  "FluxControlPipeline": dict(control_image=True)}.get(class_name, dict(image=True))
         assert pipeline_class_for(tmp_path, **flags) is expected
+    # diffusers' folders of each family member load as that class (the registry fills DiffusionPipeline's table)
+    for name in ("scheduler", "vae", "tokenizer", "tokenizer_2", "transformer"):
+        (tmp_path / name).symlink_to(folder / name)
+    (tmp_path / "model_index.json").write_text(json.dumps(dict(index, _class_name="FluxKontextPipeline")))
+    assert type(DiffusionPipeline.from_pretrained(str(tmp_path), text_encoder=None, text_encoder_2=None)) \
+        is pipelines.FluxKontextPipeline
     with pytest.raises(ValueError, match="--mask_image needs --image"):
         pipeline_class_for(folder, mask_image=True)
     with pytest.raises(ValueError, match="--control_image.*FLUX.1-Canny"):
