@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", metavar="KIND:THRESHOLD",
                    help="skip denoising steps whose input barely changed: fbcache:0.12 (first-block cache, as "
                         "diffusers') or teacache:0.4 (TeaCache); see docs/performance.md for which to choose")
+    p.add_argument("--image", help="an input image: img2img with a FLUX.1-dev/schnell model, editing with Kontext; "
+                                   "sets the default --height/--width (see docs/inference.md)")
+    p.add_argument("--mask_image", help="with --image: inpaint (dev/schnell) or fill (FLUX.1-Fill) where it is white")
+    p.add_argument("--control_image", help="a Canny / depth map for FLUX.1-Canny/Depth-dev or a control --lora")
+    p.add_argument("--strength", type=float,
+                   help="with --image: how much of the schedule runs, in [0, 1] (default: the pipeline's, 0.6)")
     p.add_argument("--output_dir", default="outputs",
                    help="where the PNGs go (default outputs/); numbering continues after the files already there")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -222,12 +228,23 @@ def run(args, saved: list[str]) -> None:
     """Generate every image; `saved` collects the paths written (kept when interrupted)."""
     loras = check_args(args)
     prompts = read_prompts(args)
+    from mindflux.hub import is_repo_id, resolve_pipeline
+    from mindflux.pipelines.auto import call_arguments_for, image_arguments, pipeline_class_for
+
+    # which family member (img2img, inpaint, Kontext, Fill, Control) and its images: checked before loading;
+    # a repo id is fetched (or found in the Hub cache) first, since the class follows from its files
+    model_folder = resolve_pipeline(args.model, model_source=args.model_source) if is_repo_id(args.model) \
+        else args.model
+    pipeline_class = pipeline_class_for(model_folder, image=args.image is not None,
+                                        mask_image=args.mask_image is not None,
+                                        control_image=args.control_image is not None, control_lora=bool(loras))
+    image_call, image_metadata = image_arguments(args.image, args.mask_image, args.control_image, args.strength,
+                                                 args.height, args.width)
 
     import mindspore as ms
     import numpy as np
 
     import mindflux
-    from mindflux import FluxPipeline
     from mindflux.backend import policy, synchronize
     from mindflux.backend.memory import check_model_fits
     from mindflux.inference import RecordWriter, plan_images, shard_jobs, start_clock, summarize
@@ -243,12 +260,12 @@ def run(args, saved: list[str]) -> None:
     device_policy = policy()
     dtype = args.dtype or device_policy.default_dtype
     device_policy.check_dtype(dtype, "--dtype")
-    check_model_fits(args.model, dtype, args.height or 1024, args.width or 1024, args.max_sequence_length or 512,
+    check_model_fits(model_folder, dtype, args.height or 1024, args.width or 1024, args.max_sequence_length or 512,
                      "--dtype")  # images are made one at a time
     print(f"device {device}, {args.mode} mode, {dtype}; loading {args.model}", flush=True)
 
     start = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(args.model, mindspore_dtype=dtype, model_source=args.model_source)
+    pipe = pipeline_class.from_pretrained(model_folder, mindspore_dtype=dtype, model_source=args.model_source)
     if loras:
         load_loras(pipe, loras, args.fuse_lora)
     if args.vae_tiling:
@@ -301,7 +318,7 @@ def run(args, saved: list[str]) -> None:
         pipe.set_progress_bar_config(desc=f"image {index + 1}/{total}{first}", leave=False)
         array = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative[0],
                      negative_pooled_prompt_embeds=negative[1], true_cfg_scale=args.true_cfg_scale,
-                     height=args.height, width=args.width, num_inference_steps=steps,
+                     **call_arguments_for(pipeline_class, image_call), num_inference_steps=steps,
                      guidance_scale=args.guidance_scale, generator=seed, output_type="np",
                      callback_on_step_end=stamp).images[0]
         between = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -321,7 +338,8 @@ def run(args, saved: list[str]) -> None:
                     "lora": " ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras) or None,
                     "cache": str(cache) if cache else None, "cache_skipped_steps": len(
                         pipe.transformer.cache_skipped_steps["cond"]) if cache else None,
-                    "dtype": dtype, "software": f"mindflux {mindflux.__version__}, MindSpore {ms.__version__}"}
+                    "dtype": dtype, "software": f"mindflux {mindflux.__version__}, MindSpore {ms.__version__}",
+                    **image_metadata}
         path, _ = save_new_image(image, args.output_dir, base + job.index, f"seed{seed}", pnginfo=png_info(metadata))
         saved.append(path)
         records.write(job, os.path.basename(path), time.perf_counter() - started)

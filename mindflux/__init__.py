@@ -18,11 +18,22 @@ from .models import (  # noqa: E402
     T5EncoderModel,
     TeaCacheConfig,
 )
-from .pipelines import DiffusionPipeline, FluxPipeline, FluxPipelineOutput  # noqa: E402
+from .pipelines import (  # noqa: E402
+    DiffusionPipeline,
+    FluxControlPipeline,
+    FluxFillPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxPipelineOutput,
+)
 from .schedulers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["AutoencoderKL", "CLIPTextModel", "DiffusionPipeline", "FirstBlockCacheConfig",
-           "FlowMatchEulerDiscreteScheduler", "FluxPipeline", "FluxPipelineOutput", "FluxTransformer2DModel",
-           "ModelMixin", "T5EncoderModel", "TeaCacheConfig", "WeightsLoadingError", "get_device", "set_device"]
+           "FlowMatchEulerDiscreteScheduler", "FluxControlPipeline", "FluxFillPipeline", "FluxImg2ImgPipeline",
+           "FluxInpaintPipeline", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput",
+           "FluxTransformer2DModel", "ModelMixin", "T5EncoderModel", "TeaCacheConfig", "WeightsLoadingError",
+           "get_device", "set_device"]

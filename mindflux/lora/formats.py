@@ -118,6 +118,9 @@ _DOTTED = re.compile(rf"^(.+)\.({_LORA_SUFFIX}|scale)$")
 _DIFFUSERS = re.compile(r"^(?:(transformer|text_encoder)\.)?(?:base_model\.model\.)?(.+)\."
                         rf"(lora_A\.weight|lora_B\.weight|alpha|{'|'.join(sorted(LYCORIS_PARTS))})$")
 _DORA = ("lora_magnitude_vector", "dora_scale")
+# Modules a LoRA may widen (more input features than the model's; BFL's Canny / Depth LoRAs on img_in).
+WIDENABLE = frozenset({"x_embedder"})
+
 # Full q/k norm weights that control LoRAs replace (diffusers' names for BFL's `.scale`).
 _DIFFUSERS_NORM = re.compile(r"^transformer\.(.+\.(?:norm_q|norm_k|norm_added_q|norm_added_k))\.weight$")
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
@@ -364,7 +367,8 @@ def _add_lora(result, component, module, targets, parts, layout) -> None:
     rank = down.shape[0]
     if layout is not None:
         in_features = layout[targets[0]][0]
-        if down.shape[1] != in_features:
+        # control LoRAs read more inputs on x_embedder: the loader widens it (mindflux/lora/expand.py)
+        if down.shape[1] != in_features and not (targets[0] in WIDENABLE and down.shape[1] > in_features):
             raise LoraShapeError(f"LoRA key {down_key} has shape {down.shape}, "
                                  f"the model expects ({rank}, {in_features})")
     sizes = _split_sizes(targets, layout, down, up.shape[0] if up.ndim == 2 else 0)

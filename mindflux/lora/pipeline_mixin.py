@@ -22,6 +22,7 @@ import numpy as np
 
 from ..adapters.layer import LoraConfig
 from ..hub import resolve_lora
+from .expand import widen_for_lora
 from .formats import DORA_REFUSED, FORMATS, ConvertedLora, LoraFormatError, convert_to_diffusers
 from .kohya import save_kohya_lora
 from .loader import (
@@ -173,6 +174,8 @@ class FluxLoraLoaderMixin:
         for component in converted.base_weights:
             if component not in components:
                 raise LoraKeyError(f"{source} replaces {component} weights but has no LoRA layers for it")
+        if transformer is not None and converted.layers.get(self.transformer_name):
+            widen_for_lora(transformer, converted.layers[self.transformer_name])  # control LoRAs: x_embedder 64 -> 128
         done = []
         try:
             for model, layers, config, base_weights, deltas in plans:

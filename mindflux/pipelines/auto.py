@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
+from .. import image_processor
 from .flux import FluxPipeline
 from .flux_control import FluxControlPipeline
 from .flux_fill import FluxFillPipeline
@@ -70,4 +72,47 @@ def pipeline_class_for(folder: str | os.PathLike, image: bool = False, mask_imag
     return FluxImg2ImgPipeline if image else FluxPipeline
 
 
-__all__ = ["model_family", "pipeline_class_for"]
+def image_arguments(image: str | None = None, mask_image: str | None = None, control_image: str | None = None,
+                    strength: float | None = None, height: int | None = None,
+                    width: int | None = None) -> tuple[dict, dict]:
+    """Image files of a generation checked and read before any model work: (call arguments with PIL images, PNG
+    metadata with each file's SHA-256 and the strength). A ValueError names the flag and file at fault.
+
+    height / width default to the input image's size, rounded down to 16 (diffusers' pipelines would use 1024)."""
+    if strength is not None and not 0 <= strength <= 1:
+        raise ValueError(f"--strength must be in [0, 1]; got {strength}")
+    if strength is not None and image is None:
+        raise ValueError("--strength needs --image")
+    call, metadata = {}, {}
+    for flag, path in (("image", image), ("mask_image", mask_image), ("control_image", control_image)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise ValueError(f"--{flag} {path}: cannot read it ({err.strerror or err})") from None
+        call[flag] = image_processor.load_image(path, f"--{flag}")
+        metadata[f"{flag}_sha256"] = hashlib.sha256(data).hexdigest()
+    if "image" in call and "mask_image" in call and call["image"].size != call["mask_image"].size:
+        raise ValueError(f"--mask_image {mask_image} is {call['mask_image'].size[0]}x{call['mask_image'].size[1]} "
+                         f"but --image {image} is {call['image'].size[0]}x{call['image'].size[1]}; they must match")
+    if strength is not None:
+        call["strength"] = metadata["strength"] = strength
+    first = call.get("image", call.get("control_image"))
+    if first is not None:
+        height, width = image_processor.default_height_width(first, height, width)
+    call.update(height=height, width=width)
+    return call, metadata
+
+
+def call_arguments_for(pipeline_class: type, arguments: dict) -> dict:
+    """`arguments` without those the pipeline does not take (e.g. strength for Kontext), as a CLI needs."""
+    import inspect
+
+    accepted = set(inspect.signature(pipeline_class.__call__).parameters) | \
+        set(inspect.signature(FluxPipeline.__call__).parameters)
+    return {k: v for k, v in arguments.items() if k in accepted}
+
+
+__all__ = ["call_arguments_for", "image_arguments", "model_family", "pipeline_class_for"]

@@ -45,6 +45,18 @@ def fit_to_area(height: int, width: int, max_area: int, multiple: int = 16) -> t
     return h // multiple * multiple, w // multiple * multiple
 
 
+def kontext_sizes(height: int, width: int, max_area: int, image_size: tuple[int, int] | None = None,
+                  auto_resize: bool = True, multiple: int = 16) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """((height, width) of the output, (height, width) the reference image is resized to, or None without one)."""
+    size = fit_to_area(height, width, max_area, multiple)
+    if image_size is None:
+        return size, None
+    h, w = (s - s % multiple for s in image_size)
+    if auto_resize:
+        h, w = preferred_kontext_size(h, w)
+    return size, (h // multiple * multiple, w // multiple * multiple)
+
+
 class FluxKontextPipeline(FluxPipeline):
     """Image editing with FLUX.1-Kontext-dev. `image`: the picture to edit (a path, PIL image, numpy array in
     [0, 1], Tensor, or a list), or None for text to image. `max_area` (default 1024^2): the output's pixel count;
@@ -58,22 +70,16 @@ class FluxKontextPipeline(FluxPipeline):
                              guidance_scale=guidance_scale, **kwargs)
 
     def prepare_inputs(self, c: SimpleNamespace) -> None:
-        multiple = self.vae_scale_factor * 2
-        height = c.height or self.default_sample_size * self.vae_scale_factor
-        width = c.width or self.default_sample_size * self.vae_scale_factor
-        c.height, c.width = fit_to_area(height, width, c.max_area, multiple)
+        default = self.default_sample_size * self.vae_scale_factor
+        height, width = c.height or default, c.width or default
+        images = None if c.image is None else image_processor.as_image_list(c.image, "image")
+        image_size = None if images is None else image_processor.image_size(images)
+        (c.height, c.width), reference_size = kontext_sizes(height, width, c.max_area, image_size, c._auto_resize,
+                                                            self.vae_scale_factor * 2)
         if (c.height, c.width) != (height, width):
             logger.warning("Generation `height` and `width` have been adjusted to %d and %d to fit the model "
                            "requirements.", c.height, c.width)
-        c.pixels = None
-        if c.image is None:
-            return
-        images = image_processor.as_image_list(c.image, "image")
-        h, w = image_processor.default_height_width(images[0], None, None, multiple)
-        if c._auto_resize:
-            h, w = preferred_kontext_size(h, w)
-        h, w = h // multiple * multiple, w // multiple * multiple
-        c.pixels = image_processor.preprocess(images, h, w, name="image")
+        c.pixels = None if images is None else image_processor.preprocess(images, *reference_size, name="image")
 
     def prepare_conditioning(self, c: SimpleNamespace, batch: int, dtype: ms.Type, timesteps: np.ndarray,
                              generator) -> tuple[Tensor, Conditioning]:
@@ -93,4 +99,5 @@ class FluxKontextPipeline(FluxPipeline):
         return latents, Conditioning(img_ids=img_ids, reference=reference, reference_ids=reference_ids)
 
 
-__all__ = ["FluxKontextPipeline", "PREFERRED_KONTEXT_RESOLUTIONS", "fit_to_area", "preferred_kontext_size"]
+__all__ = ["FluxKontextPipeline", "PREFERRED_KONTEXT_RESOLUTIONS", "fit_to_area", "kontext_sizes",
+           "preferred_kontext_size"]

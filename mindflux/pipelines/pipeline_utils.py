@@ -157,7 +157,9 @@ class DiffusionPipeline:
                 raise ValueError(f"{os.path.join(folder, MODEL_INDEX)} names the pipeline class {found!r}; mindflux "
                                  f"has {', '.join(pipelines)}")
             pipeline_cls = pipelines[found]
-        elif found is not None and found != cls.__name__:
+        elif found is not None and found != cls.__name__ and (
+                found not in _PIPELINES or _PIPELINES[found].component_names() != cls.component_names()):
+            # a FLUX.1-dev folder loads as any family member with the same components, silently (as diffusers)
             logger.warning("%s describes a %s; loading it as a %s", os.path.join(folder, MODEL_INDEX), found,
                            cls.__name__)
 

@@ -181,7 +181,9 @@ def write_mindflux_copy(out: Path) -> None:
 
 def load_mindflux_copy(out: Path) -> None:
     """Torch stage: diffusers loads mindflux's folder and must reproduce the reference images from it.
-    Its images are kept; the folder (a copy of tiny_flux) is removed to keep the fixtures small."""
+    Its images and the content hash of every file mindflux wrote (mindflux_saved.json) are kept; the folder
+    (a copy of tiny_flux) is removed to keep the fixtures small. tests/test_pipeline.py checks that what
+    mindflux saves today has the same content, so these images speak for it."""
     import shutil
 
     import torch
@@ -201,4 +203,8 @@ def load_mindflux_copy(out: Path) -> None:
     error = float(abs(images - cases["dev.images"]).max())
     assert error <= 1e-6, error
     save_arrays(out / "mindflux_saved.safetensors", {"dev.images": images})
+    from .make_dumps import digest
+
+    (out / "mindflux_saved.json").write_text(json.dumps(digest(folder), indent=1, sort_keys=True) + "\n",
+                                            encoding="utf-8")
     shutil.rmtree(folder)

@@ -6,6 +6,7 @@ text encoders, tokenizers, scheduler and the dev transformer):
                         those channels): a posterior sample equals its mean to 3e-7, so image -> latents is exact
   transformer_fill/     a FLUX.1-Fill-shaped transformer (x_embedder 384 wide: 64 latent + 64 masked image + 256 mask)
   transformer_control/  a FLUX.1-Canny/Depth-shaped transformer (x_embedder 128 wide: 64 latent + 64 control)
+  control_lora.safetensors  a control LoRA (x_embedder adapter 128 wide) that diffusers widened the dev transformer for
   inputs/               the PNGs the cases read (an image, a larger image that is resized, a mask, a control image)
   cases.safetensors     per case: images (np), the latents after every step, every random draw diffusers made
                         (draws.K, in order: VAE posterior samples and noise) and given `latents`
@@ -35,7 +36,7 @@ CASES = {
         num_inference_steps=3, guidance_scale=3.5)),
     "inpaint_latents": dict(pipeline="FluxInpaintPipeline", latents=[2, 16, 8, 6], call=dict(
         prompt=PROMPTS[0], image="image.png", mask_image="mask.png", height=64, width=48, strength=1.0,
-        num_inference_steps=2, num_images_per_prompt=2, guidance_scale=3.5)),
+        num_inference_steps=2, num_images_per_prompt=2, guidance_scale=3.5, padding_mask_crop=4)),
     "kontext": dict(pipeline="FluxKontextPipeline", call=dict(
         prompt=PROMPTS, image="image.png", height=48, width=64, max_area=48 * 64, _auto_resize=False,
         num_inference_steps=3, guidance_scale=2.5)),
@@ -142,6 +143,7 @@ class DrawRecorder:
 
 def run_case(components: dict, out: Path, name: str, generator) -> dict:
     import diffusers
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -161,12 +163,83 @@ def run_case(components: dict, out: Path, name: str, generator) -> dict:
         steps.append(callback_kwargs["latents"].clone())
         return {}
 
+    # padding_mask_crop pastes PIL images back into the original: 8-bit output
+    output_type = "pil" if call.get("padding_mask_crop") is not None else "np"
     with torch.no_grad(), DrawRecorder() as recorder:
-        images = pipe(**call, generator=torch.Generator().manual_seed(COMMON["generator_seed"]), output_type="np",
-                      callback_on_step_end=record).images
+        images = pipe(**call, generator=torch.Generator().manual_seed(COMMON["generator_seed"]),
+                      output_type=output_type, callback_on_step_end=record).images
+    if output_type == "pil":
+        images = np.stack([np.asarray(i, np.float32) / 255 for i in images])
     arrays.update(images=torch.from_numpy(images), step_latents=torch.stack(steps))
     arrays.update({f"draws.{i}": d for i, d in enumerate(recorder.draws)})
     return {f"{name}.{k}": v for k, v in arrays.items()}
+
+
+# (image height, image width, height, width, max_area, _auto_resize) -> the sizes diffusers' Kontext call picks
+KONTEXT_SIZE_CASES = [(768, 1024, None, None, 1024 ** 2, True), (1000, 1000, 512, 768, 512 ** 2, True),
+                      (90, 110, 64, 48, 64 * 48, False), (1200, 500, 1024, 1024, 1024 ** 2, True)]
+
+
+def kontext_sizes(components: dict) -> list[dict]:
+    """The output size and the reference image's size diffusers' FluxKontextPipeline chooses, read where it
+    prepares the latents (the call stops there, before any denoising)."""
+    import torch
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    class Stop(Exception):
+        pass
+
+    pipe = FluxKontextPipeline(**components)
+    found = []
+
+    def prepare_latents(image, batch_size, channels, height, width, *args, **kwargs):
+        found.append(dict(height=height, width=width, image_height=image.shape[2], image_width=image.shape[3]))
+        raise Stop
+
+    pipe.prepare_latents = prepare_latents
+    embeds, pooled = torch.zeros(1, 4, 32), torch.zeros(1, 16)
+    for image_height, image_width, height, width, max_area, auto in KONTEXT_SIZE_CASES:
+        try:
+            pipe(image=Image.new("RGB", (image_width, image_height)), prompt_embeds=embeds,
+                 pooled_prompt_embeds=pooled, height=height, width=width, max_area=max_area, _auto_resize=auto)
+        except Stop:
+            found[-1].update(case=[image_height, image_width, height, width, max_area, auto])
+    return found
+
+
+def control_lora(out: Path, components: dict, generator) -> dict:
+    """A Canny/Depth-style control LoRA (x_embedder adapter reading 128 channels, plus attention adapters) in
+    diffusers' format, loaded by diffusers into the 64-wide dev transformer; its widened config and outputs."""
+    import torch
+    from diffusers import FluxControlPipeline
+    from safetensors.torch import save_file
+
+    transformer = components["transformer"]
+    dim, rank = transformer.inner_dim, 4
+    state = {"transformer.x_embedder.lora_A.weight": 0.2 * torch.randn(rank, 128, generator=generator),
+             "transformer.x_embedder.lora_B.weight": 0.2 * torch.randn(dim, rank, generator=generator)}
+    for target in ("to_q", "to_k", "to_v"):
+        state[f"transformer.transformer_blocks.0.attn.{target}.lora_A.weight"] = \
+            0.2 * torch.randn(rank, dim, generator=generator)
+        state[f"transformer.transformer_blocks.0.attn.{target}.lora_B.weight"] = \
+            0.2 * torch.randn(dim, rank, generator=generator)
+    save_file(state, str(out / "control_lora.safetensors"))
+    from diffusers import FluxTransformer2DModel
+
+    fresh = FluxTransformer2DModel.from_pretrained(str(pipeline_folder(out) / "transformer"))
+    pipe = FluxControlPipeline(**dict(components, transformer=fresh))
+    pipe.load_lora_weights(str(out / "control_lora.safetensors"))
+    inputs = dict(hidden_states=torch.randn(2, 12, 128, generator=generator),
+                  encoder_hidden_states=torch.randn(2, 4, 32, generator=generator),
+                  pooled_projections=torch.randn(2, 16, generator=generator), timestep=torch.tensor([0.7, 0.3]),
+                  guidance=torch.tensor([3.5, 3.5]), img_ids=torch.zeros(12, 3), txt_ids=torch.zeros(4, 3))
+    inputs["img_ids"][:, 1] = torch.arange(12) // 4
+    inputs["img_ids"][:, 2] = torch.arange(12) % 4
+    with torch.no_grad():
+        output = pipe.transformer(**inputs, return_dict=False)[0]
+    assert pipe.transformer.config.in_channels == 128
+    return {**{f"control_lora.{k}": v for k, v in inputs.items()}, "control_lora.output": output}
 
 
 def make_reference(out: Path) -> None:
@@ -199,6 +272,9 @@ def make_reference(out: Path) -> None:
         decoded = vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
         arrays.update({"decode.latents": latents, "decode.images": base.image_processor.postprocess(
             decoded, output_type="pt").permute(0, 2, 3, 1)})
+    arrays.update(control_lora(out, {k: v for k, v in base.components.items()
+                                     if k not in ("image_encoder", "feature_extractor")}, generator))
     save_arrays(out / "cases.safetensors", arrays)
-    meta = {"cases": CASES, "preferred_kontext_resolutions": [list(r) for r in PREFERRED_KONTEXT_RESOLUTIONS]}
+    meta = {"cases": CASES, "preferred_kontext_resolutions": [list(r) for r in PREFERRED_KONTEXT_RESOLUTIONS],
+            "kontext_sizes": kontext_sizes(dict(base.components))}
     (out / "cases.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")

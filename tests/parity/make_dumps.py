@@ -3,6 +3,7 @@
     python tests/parity/make_dumps.py               # every topic
     python tests/parity/make_dumps.py transformer   # some topics
     python tests/parity/make_dumps.py --check       # regenerate into a temporary folder and compare
+    MINDSPORE_PYTHON=.venv/bin/python /work/tvenv/bin/python tests/parity/make_dumps.py pipeline  # two venvs
 
 Each topic is a list of stages. A "torch" stage runs diffusers / transformers / peft; a
 "mindspore" stage writes files with mindflux that a later torch stage loads (interop both
@@ -87,7 +88,9 @@ def generate(topics: list[str], root: Path) -> None:
         for runtime, spec in TOPICS[topic]:
             print(f"[{topic}] {runtime}: {spec}", flush=True)
             env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOG_v="3")
-            command = [sys.executable, __file__, "--stage", spec, "--out", str(out)]
+            # TORCH_PYTHON / MINDSPORE_PYTHON: the interpreter of each runtime, where no one venv has both
+            python = os.environ.get(f"{runtime.upper()}_PYTHON", sys.executable)
+            command = [python, __file__, "--stage", spec, "--out", str(out)]
             subprocess.run(command, check=True, env=env, cwd=ROOT)
 
 
