@@ -99,7 +99,8 @@ class _ContextState:
         self.skipped: list[int] = []
 
 
-def should_compute(config, state: _ContextState, change: float, num_inference_steps: int | None) -> bool:
+def should_compute(config: FirstBlockCacheConfig | TeaCacheConfig, state: _ContextState, change: float,
+                   num_inference_steps: int | None) -> bool:
     """The decision at step `state.step`, given the signal's relative change from the previous one
     (ignored when there is no previous signal). Updates TeaCache's accumulated distance."""
     if state.previous_signal is None or state.cached_residual is None:
@@ -249,14 +250,11 @@ class CacheMixin:
         shape = (hidden_states.shape[0], hidden_states.shape[1], self.inner_dim)
         if state.previous_signal is not None and tuple(state.previous_signal.shape) != shape:
             state = runner.states[runner.context] = _ContextState()  # another batch or resolution: start over
-        dtype = self.x_embedder.weight.dtype
-        zeros = None if state.previous_signal is not None and state.cached_residual is not None \
-            else ops.zeros(shape, dtype)
+        first = state.previous_signal is None or state.cached_residual is None  # both are set at step 0
+        zeros = ops.zeros(shape, self.x_embedder.weight.dtype) if first else None  # same graph inputs at step 0
         hidden, encoder, temb, cos, sin, signal, change, skipped = runner.head(
             hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
-            zeros if state.previous_signal is None else state.previous_signal,
-            zeros if state.cached_residual is None else state.cached_residual)
-        first = state.previous_signal is None or state.cached_residual is None
+            zeros if first else state.previous_signal, zeros if first else state.cached_residual)
         compute = should_compute(runner.config, state, 0.0 if first else float(change.asnumpy()),
                                  runner.num_inference_steps)
         if compute:
