@@ -44,18 +44,13 @@ class Context:
         return self.device != "CPU"
 
 
-def device_policy(device: str) -> tuple[str, bool, str | None]:
-    """(compute dtype, flash attention available, SoC name). A local stand-in for mindflux.backend's policy
-    table (being written on another branch): after the merge this should ask the backend instead."""
-    if device == "CPU":
-        return "float32", False, None
-    if device == "GPU":
-        return "float16", False, None  # 2.7.1's GPU BiasAdd and LayerNorm have no bf16 kernel
-    from mindspore._c_expression import MSContext
+def device_policy() -> tuple[str, bool, str | None]:
+    """(compute dtype, flash attention available, SoC name) of the current device, from the backend's table."""
+    from ..backend import policy
 
-    soc = str(MSContext.get_instance().get_ascend_soc_version() or "")
-    a2 = soc.lower().startswith(("ascend910b", "ascend910_93"))  # Atlas A2 / A3; 910A has no bf16 matmul
-    return ("bfloat16" if a2 else "float16"), a2, soc
+    current = policy()
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[current.default_dtype]
+    return dtype, current.flash_attention, current.soc or None
 
 
 def _ms_dtype(name: str):
@@ -475,7 +470,7 @@ def work(device: str, names: list[str], msrun: int, events_path: str, workdir: s
 
     try:
         target = set_device(device, "pynative")
-        dtype, flash, soc = device_policy(target)
+        dtype, flash, soc = device_policy()
     except (RuntimeError, ValueError) as err:
         emit({"fatal": " ".join(str(err).split())})
         return
