@@ -386,9 +386,6 @@ def _main(argv: list[str] | None) -> int:
         except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError) as err:
             if args.debug:
                 raise
-            if isinstance(err, CLIError) and "\n" in str(err):  # a list (e.g. a LoRA's unloadable keys): shown whole
-                print(f"generate.py: error: {err}", file=sys.stderr)
-                return EXIT_ERROR
             message = " ".join(str(err).split()) or type(err).__name__
             print(f"generate.py: error: {message}", file=sys.stderr)
             return EXIT_ERROR

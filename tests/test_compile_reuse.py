@@ -1,18 +1,19 @@
 """Compile-time measures that run without a device: lazy_inline's reuse keys for the transformer blocks."""
 
 
+from mindflux.backend import force_device
 from mindflux.lora import LoraConfig
 from mindflux.models import transformer_flux
 from mindflux.models.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 
-def test_blocks_are_reused_on_ascend_only_and_lora_layouts_split_the_key(monkeypatch):
+def test_blocks_are_reused_on_ascend_only_and_lora_layouts_split_the_key():
     # on the CPU the blocks are inlined as before: MindSpore's CPU backend rejects lazy_inline's graphs
     assert not hasattr(FluxTransformerBlock(32, 2, 16), "cell_init_args")
-    monkeypatch.setattr(transformer_flux, "get_device", lambda: "Ascend")
-    model = transformer_flux.FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=[4, 6, 6])
+    with force_device("Ascend", "Ascend910B1"):  # the policy turns lazy_inline on for Ascend
+        model = transformer_flux.FluxTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=[4, 6, 6])
     double, single = model.transformer_blocks, model.single_transformer_blocks
     assert isinstance(single[0], FluxSingleTransformerBlock)
     keys = [b.cell_init_args for b in (*double, *single)]

@@ -50,7 +50,8 @@ def test_a_run_never_overwrites_earlier_images_and_takes_num_inference_steps(tmp
     earlier = (out / "000_seed0.png").read_bytes()
     rc, _, err = run_cli(BASE + ["--output_dir", out, "--seed", "0"], capsys)
     assert rc == 0, err
-    assert sorted(os.listdir(out)) == ["000_seed0.png", "001_seed0.png"]  # no temporary file left either
+    # no temporary file left either
+    assert sorted(f for f in os.listdir(out) if f != "images.jsonl") == ["000_seed0.png", "001_seed0.png"]
     assert (out / "000_seed0.png").read_bytes() == earlier
     assert Image.open(out / "001_seed0.png").text["steps"] == "1"
     assert generate.build_parser().parse_args(["--steps", "3"]).num_inference_steps == 3  # the old name
@@ -64,7 +65,7 @@ def test_a_full_disk_leaves_no_truncated_png_under_a_final_name(tmp_path, capsys
     monkeypatch.setattr(Image.Image, "save", save_half)
     rc, _, err = run_cli(BASE + ["--output_dir", tmp_path / "out"], capsys)
     assert rc == 1 and "No space left on device" in err
-    assert os.listdir(tmp_path / "out") == []
+    assert [f for f in os.listdir(tmp_path / "out") if f != "images.jsonl"] == []  # records only
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -134,7 +135,7 @@ def test_an_image_that_comes_out_non_finite_is_reported_not_saved(tmp_path, caps
     lora = write_lora(tmp_path / "huge.safetensors", value=1e30)
     rc, out, err = run_cli(BASE + ["--lora", lora, "--output_dir", tmp_path / "out", "--num_images", "1"], capsys)
     assert rc == 1 and "1 of 1 images came out NaN/inf and were not saved" in err.strip().splitlines()[-1]
-    assert os.listdir(tmp_path / "out") == []
+    assert [f for f in os.listdir(tmp_path / "out") if f != "images.jsonl"] == []  # records only
 
 
 def test_a_real_sigterm_keeps_the_finished_pngs(tmp_path):
@@ -156,7 +157,7 @@ def test_a_real_sigterm_keeps_the_finished_pngs(tmp_path):
     assert child.returncode == 143, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("generate.py: interrupted;"), last
-    files = sorted(os.listdir(out))
+    files = sorted(f for f in os.listdir(out) if f.endswith(".png") or f.startswith("."))
     assert f"{len(files)} finished image(s) kept in {out}" in last and 1 <= len(files) < 1000
     assert not [f for f in files if f.startswith(".")]  # no temporary file left behind
     for name in files:
