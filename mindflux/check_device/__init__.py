@@ -112,6 +112,9 @@ def run_stages(device: str, names: list[str], msrun: int = 0, timeouts: dict[str
                         current, started = event["start"], time.monotonic()
                     elif "result" in event:
                         result = StageResult(**event["result"])
+                        if result.seconds > timeouts[result.name]:  # it finished between two polls, but too late
+                            result = StageResult(result.name, "fail", f"timed out after {timeouts[result.name]:g} s "
+                                                 f"(took {result.seconds:.2f} s)", result.seconds)
                         results.append(result)
                         remaining.remove(result.name)
                         echo(result)
