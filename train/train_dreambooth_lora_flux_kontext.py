@@ -24,7 +24,6 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, ROOT)
-os.environ.setdefault("GLOG_v", "3")  # before MindSpore loads: its C++ warnings would bury the progress bar
 if __name__ == "__main__":  # SIGINT/SIGTERM blocked before MindSpore starts threads, which inherit the mask
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))  # see mindflux/interrupts.py
 
