@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ log: errors only (set GLOG_v=2 to see its warnings)
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 MAX_LORA_SCALE = 100.0  # beyond this a LoRA only destroys the image (common scales are 0.5-2, sliders +-5)

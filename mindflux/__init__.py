@@ -7,7 +7,8 @@ import os
 # this keeps it out unless the user asks for it. It must be set before transformers is imported.
 os.environ.setdefault("USE_TORCH", "0")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "None of PyTorch ... have been found"
-os.environ.setdefault("GLOG_v", "3")  # before MindSpore loads: its C++ warnings would bury progress bars
+# MindSpore's C++ log: errors only, before MindSpore loads (its warnings would bury progress bars; GLOG_v=2 shows them)
+os.environ.setdefault("GLOG_v", "3")
 
 from .device import get_device, set_device  # noqa: E402
 from .modeling_utils import ModelMixin, WeightsLoadingError  # noqa: E402

@@ -224,7 +224,6 @@ def run_cli(prog: str, parse_args: Callable, train: Callable, argv: list[str] | 
     with interrupt_guard(prog):
         args = parse_args(argv)
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-        os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings would bury the progress bar
         from ..modeling_utils import WeightsLoadingError
         from ..safetensors_io import SafetensorsError
         from .output_dir import interrupted_message
