@@ -214,7 +214,7 @@ def _no_transformer(root):
     (["--weighting_scheme", "uniform"], 2, "invalid choice"),
     (["--report_to", "wandb"], 2, "wandb and comet_ml are not supported"),
     (["--push_to_hub"], 2, "--push_to_hub: hub upload is not supported"),
-    (["--dataset_name", "user/dogs"], 2, "only local dataset folders are supported"),
+    (["--dataset_config_name", "cats"], 2, "--dataset_config_name needs --dataset_name"),
     (["--instance_data_dir", "EMPTY"], 1, "empty has no images"),
     (["--instance_data_dir", "MISSING"], 1, "nope does not exist"),
     (["--instance_data_dir", "CORRUPT"], 1, "cannot read image"),

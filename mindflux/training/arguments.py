@@ -20,13 +20,13 @@ import warnings
 from typing import Callable
 
 from .argument_checks import check_training_values
+from .data_source import check_dataset_name
 
 WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 
 # Arguments whose features cannot exist here: set to anything but their default, they stop the run.
 NOT_SUPPORTED = {
     "variant": "weight variants; give a folder with the weights to use",
-    "dataset_config_name": "dataset configs (give a local folder as --dataset_name or --instance_data_dir)",
     "push_to_hub": "hub upload",
     "hub_model_id": "hub upload",
     "hub_token": "hub upload",
@@ -55,14 +55,17 @@ def training_parser(prog: str, description: str, output_dir: str = "flux-dreambo
     a("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of a repo id.")
     a("--variant", type=str, default=None, help="Weight variant, e.g. fp16 (not supported yet).")
     a("--dataset_name", type=str, default=None,
-      help="A local dataset folder (images + metadata.jsonl); Hub names are not supported (no downloads).")
-    a("--dataset_config_name", type=str, default=None, help="Dataset config (with --dataset_name).")
+      help="A local folder with metadata.jsonl (image paths relative to it), or anything the datasets library "
+           "loads (pip install datasets): a Hub dataset id, a save_to_disk or parquet/imagefolder folder.")
+    a("--dataset_config_name", type=str, default=None, help="The datasets library's config of --dataset_name.")
     a("--instance_data_dir", type=str, default=None, help="A folder containing the training images.")
-    a("--cache_dir", type=str, default=None, help="Hub download cache (default: HF_HUB_CACHE).")
+    a("--cache_dir", type=str, default=None,
+      help="Hub download cache of the model and of a --dataset_name the datasets library loads.")
     a("--image_column", type=str, default="image",
-      help="metadata.jsonl key of the image file ('file_name' also works).")
+      help="Column (metadata.jsonl key) of the image: an image or a file path ('file_name' also works in "
+           "metadata.jsonl).")
     a("--caption_column", type=str, default=None,
-      help="metadata.jsonl key of the caption (default: text, caption or prompt when present).")
+      help="Column (metadata.jsonl key) of the caption (default: text, caption or prompt when present).")
     a("--repeats", type=int, default=1, help="How many times to repeat the training data.")
     a("--class_data_dir", type=str, default=None, help="A folder containing class images (prior preservation).")
     a("--instance_prompt", type=str, default=None, required=instance_prompt_required,
@@ -169,7 +172,7 @@ def training_parser(prog: str, description: str, output_dir: str = "flux-dreambo
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """The shared checks (p.error names the option); --dataset_name becomes --instance_data_dir."""
+    """The shared checks (p.error names the option); --dataset_name is checked, not read (data_source.py)."""
     for name, what in NOT_SUPPORTED.items():
         if getattr(args, name) != p.get_default(name):
             p.error(f"--{name}: {what} is not supported by mindflux")
@@ -178,12 +181,13 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     if args.dataset_name is not None:
         if args.instance_data_dir is not None:
             p.error("Specify only one of --dataset_name or --instance_data_dir")
-        if not os.path.isdir(args.dataset_name):
-            p.error(f"--dataset_name {args.dataset_name}: only local dataset folders are supported (no downloads); "
-                    "download it first and pass the folder")
-        args.instance_data_dir = args.dataset_name
-    if args.instance_data_dir is None:
+        problem = check_dataset_name(args.dataset_name, args.dataset_config_name)
+        if problem:
+            p.error(problem)
+    elif args.instance_data_dir is None:
         p.error("Specify either --dataset_name or --instance_data_dir")
+    elif args.dataset_config_name is not None:
+        p.error("--dataset_config_name needs --dataset_name")
     if args.with_prior_preservation:
         if args.class_data_dir is None:
             p.error("You must specify a data directory for class images (--class_data_dir).")
@@ -245,7 +249,7 @@ def add_kontext_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments diffusers' train_dreambooth_lora_flux_kontext.py adds."""
     a = p.add_argument
     a("--cond_image_column", type=str, default=None, required=True,
-      help="metadata.jsonl key of the reference (condition) image; --image_column is the edited target.")
+      help="Column (metadata.jsonl key) of the reference (condition) image; --image_column is the edited target.")
     a("--validation_image", type=str, default=None, help="The image to edit in validation (with --validation_prompt).")
     a("--vae_encode_mode", type=str, default="mode", choices=["sample", "mode"],
       help="Latents from the VAE posterior's mode (its mean; diffusers' default here) or a sample.")

@@ -212,7 +212,8 @@ class DreamBoothDataset:
     def __init__(self, instance_data_dir: str, instance_prompt: str, resolution: int, center_crop: bool = False,
                  repeats: int = 1, buckets: list[tuple[int, int]] | None = None, caption_column: str | None = None,
                  image_column: str = "image", class_data_dir: str | None = None, class_prompt: str | None = None,
-                 num_class_images: int | None = None, rng: np.random.Generator | None = None, num_workers: int = 0):
+                 num_class_images: int | None = None, rng: np.random.Generator | None = None, num_workers: int = 0,
+                 source=None):
         rng = rng if rng is not None else np.random.default_rng()
         if buckets is not None and class_data_dir is not None:
             raise DataError("--aspect_ratio_buckets cannot be combined with --with_prior_preservation: instance and "
@@ -220,12 +221,14 @@ class DreamBoothDataset:
         self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
         self.resolution, self.center_crop = resolution, center_crop
         self.buckets = buckets or [(resolution, resolution)]
-        paths, captions = read_folder_captions(instance_data_dir, caption_column, image_column)
+        # `source`: rows read already (data_source.read_data_source; --dataset_name); instance_data_dir names them
+        paths, captions = ((source.images, source.captions) if source is not None
+                           else read_folder_captions(instance_data_dir, caption_column, image_column))
         if not paths:
             raise DataError(f"instance data folder {instance_data_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.custom_instance_prompts = any(c for c in captions)
         self.images = self._load(paths, rng, num_workers)  # one (H, W, 3) uint8 crop per file
-        self.image_paths = paths
+        self.image_paths = [str(p) for p in paths]  # names only: a dataset's in-memory files are dropped once decoded
         self.item_image = [j for j in range(len(paths)) for _ in range(repeats)]  # item -> image, as diffusers repeats
         self.captions = [captions[j] if captions[j] else instance_prompt for j in self.item_image]
         self.class_images: list[np.ndarray] = []

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..device import pynative as _pynative
 from .batches import BatchBuilder, LatentSource
+from .data_source import read_data_source
 from .dataset import DreamBoothDataset, parse_buckets
 from .distributed import barrier, broadcast_parameters, init_distributed
 from .export import LoraExport, saving_dtype
@@ -81,6 +82,10 @@ class DreamBoothTrainer:
         from .precision import resolve_mixed_precision, resolve_weight_dtype
 
         c = self.config = config
+        # the data's rows first (columns, files: bad data stops here), pixels after the VAE fixes the shapes
+        self.data_source = read_data_source(c.instance_data_dir, c.dataset_name, c.image_column, c.caption_column,
+                                            c.cond_image_column, c.dataset_config_name, c.cache_dir,
+                                            c.instance_prompt)
         self.device = set_device(c.device, c.mode)
         self.dist = init_distributed()
         if c.allow_tf32 and not allow_tf32():
@@ -119,6 +124,7 @@ class DreamBoothTrainer:
         if c.with_prior_preservation:
             self.make_class_images()
         self.dataset = self.load_dataset()
+        self.data_source = None  # decoded: a dataset's in-memory image files can go
         class_prompt = c.class_prompt if c.with_prior_preservation else None
         self.prompts, clip = build_prompt_table(
             c.pretrained_model_name_or_path, prompts_needed(self.dataset.captions, c.caption_dropout, class_prompt,
@@ -167,10 +173,11 @@ class DreamBoothTrainer:
     def load_dataset(self):
         c = self.config
         dataset = DreamBoothDataset(
-            c.instance_data_dir, c.instance_prompt, c.resolution, c.center_crop, c.repeats,
+            self.data_source.name, c.instance_prompt, c.resolution, c.center_crop, c.repeats,
             self.buckets, c.caption_column, c.image_column,
             c.class_data_dir if c.with_prior_preservation else None, c.class_prompt,
-            c.num_class_images, rng=self.state.crop_rng, num_workers=c.dataloader_num_workers)
+            c.num_class_images, rng=self.state.crop_rng, num_workers=c.dataloader_num_workers,
+            source=self.data_source)
         if c.with_prior_preservation and len(dataset.class_images) < c.num_class_images:
             logger.warning("--class_data_dir has %d images, fewer than --num_class_images %d",
                            len(dataset.class_images), c.num_class_images)

@@ -3,6 +3,7 @@
 The DreamBooth run on other parts, as diffusers' train_dreambooth_lora_flux_kontext.py does it:
 
     dataset folder/metadata.jsonl   {"image": "out/1.png", "cond_image": "in/1.png", "text": "make it blue"}
+                                    (or a `datasets` dataset with those columns: data_source.py)
     target  --VAE, .mode() (or .sample())--> (z - shift) * scale --noised--> packed tokens (ids [0, row, col])
     reference --same VAE read-out, clean-------------------------> packed tokens appended (ids [1, row, col])
     the transformer sees [target; reference]; the loss covers the target's tokens only
@@ -14,46 +15,18 @@ part of Kontext training, as in diffusers.
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .batches import BatchBuilder, BatchDraws
-from .dataset import (
-    METADATA_FILE,
-    DataError,
-    DreamBoothDataset,
-    load_image,
-    nearest_bucket,
-    read_folder_captions,
-    resize_and_crop,
-    to_pixels,
-)
+from .data_source import DataSource
+from .dataset import DataError, DreamBoothDataset, load_image, nearest_bucket, resize_and_crop, to_pixels
 from .dreambooth import DEFAULT_LORA_LAYERS, DreamBoothTrainer, run_training
 from .run_config import TrainingConfig, TrainingError
 
 KONTEXT_LORA_LAYERS = DEFAULT_LORA_LAYERS + ["proj_mlp"]  # diffusers' Kontext script adds the single blocks' MLP
-
-
-def read_reference_paths(folder: str, cond_image_column: str) -> list[str]:
-    """The reference image of every metadata.jsonl line (already checked as JSON by read_folder_captions)."""
-    metadata = os.path.join(folder, METADATA_FILE)
-    paths = []
-    with open(metadata, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if cond_image_column not in record:
-                raise DataError(f"--cond_image_column '{cond_image_column}' not found in {metadata} line {number}; "
-                                f"it has {', '.join(record)}")
-            path = os.path.join(folder, str(record[cond_image_column]))
-            if not os.path.isfile(path):
-                raise DataError(f"{metadata} line {number}: reference image {path} does not exist")
-            paths.append(path)
-    return paths
 
 
 def crop_pair(target, reference, height: int, width: int, center_crop: bool, rng: np.random.Generator):
@@ -71,30 +44,23 @@ def crop_pair(target, reference, height: int, width: int, center_crop: bool, rng
 
 
 class KontextDataset(DreamBoothDataset):
-    """(target, reference, caption) triples from a folder's metadata.jsonl; an item is a target with its
-    reference. The DreamBooth dataset's batching, buckets and per-step draws apply unchanged."""
+    """(target, reference, caption) triples of a data source (data_source.read_data_source with a
+    --cond_image_column); an item is a target with its reference. The DreamBooth dataset's batching, buckets
+    and per-step draws apply unchanged."""
 
-    def __init__(self, folder: str, instance_prompt: str | None, resolution: int, cond_image_column: str,
-                 image_column: str = "image", caption_column: str | None = None, center_crop: bool = False,
+    def __init__(self, source: DataSource, instance_prompt: str | None, resolution: int, center_crop: bool = False,
                  repeats: int = 1, buckets: list[tuple[int, int]] | None = None,
                  rng: np.random.Generator | None = None, num_workers: int = 0):
         rng = rng if rng is not None else np.random.default_rng()
-        if not os.path.isfile(os.path.join(folder, METADATA_FILE)):
-            raise DataError(f"--dataset_name {folder} has no {METADATA_FILE}: Kontext training reads image pairs "
-                            f"from it (one JSON object a line with the --image_column and --cond_image_column files)")
         self.instance_prompt, self.class_prompt = instance_prompt, None
         self.resolution, self.center_crop = resolution, center_crop
         self.buckets = buckets or [(resolution, resolution)]
-        paths, captions = read_folder_captions(folder, caption_column, image_column)
-        references = read_reference_paths(folder, cond_image_column)
+        paths, captions, references = source.images, source.captions, source.references
         if not paths:
-            raise DataError(f"{os.path.join(folder, METADATA_FILE)} lists no image pairs")
-        if instance_prompt is None and not all(captions):
-            missing = paths[[bool(c) for c in captions].index(False)]
-            raise DataError(f"{missing} has no caption and there is no --instance_prompt to fall back on")
+            raise DataError(f"{source.name} lists no image pairs")
         self.custom_instance_prompts = any(captions)
         self.images, self.references = self._load_pairs(paths, references, rng, num_workers)
-        self.image_paths = paths
+        self.image_paths = [str(p) for p in paths]
         self.item_image = [j for j in range(len(paths)) for _ in range(repeats)]
         self.captions = [captions[j] if captions[j] else instance_prompt for j in self.item_image]
         self.class_images = []
@@ -172,9 +138,8 @@ class KontextTrainer(DreamBoothTrainer):
 
     def load_dataset(self):
         c = self.config
-        return KontextDataset(c.instance_data_dir, c.instance_prompt, c.resolution, c.cond_image_column,
-                              c.image_column, c.caption_column, c.center_crop, c.repeats, self.buckets,
-                              rng=self.state.crop_rng, num_workers=c.dataloader_num_workers)
+        return KontextDataset(self.data_source, c.instance_prompt, c.resolution, c.center_crop, c.repeats,
+                              self.buckets, rng=self.state.crop_rng, num_workers=c.dataloader_num_workers)
 
     def make_validator(self, **pipeline_kwargs):
         c = self.config

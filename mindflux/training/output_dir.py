@@ -42,7 +42,7 @@ _RUN_OUTPUT_PATTERNS = (re.compile(r"^image_\d+\.png$"), re.compile(rf"^{CHECKPO
 IDENTITY_PATHS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "precomputed_prompt_embeds")
 IDENTITY_VALUES = ("instance_prompt", "class_prompt", "with_prior_preservation", "caption_column", "image_column",
                    "repeats", "resolution", "aspect_ratio_buckets", "center_crop", "rank", "lora_alpha",
-                   "lora_layers", "train_text_encoder", "cond_image_column")
+                   "lora_layers", "train_text_encoder", "cond_image_column", "dataset_config_name")
 
 
 class OutputDirError(ValueError):
@@ -55,6 +55,8 @@ def run_identity(args: Any) -> dict[str, Any]:
     for name in IDENTITY_PATHS:
         value = getattr(args, name, None)
         identity[name] = os.path.abspath(value) if value else None
+    dataset = getattr(args, "dataset_name", None)  # a folder (made absolute) or a Hub id
+    identity["dataset_name"] = os.path.abspath(dataset) if dataset and os.path.exists(dataset) else dataset
     for name in IDENTITY_VALUES:
         identity[name] = getattr(args, name, None)
     return identity

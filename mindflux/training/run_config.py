@@ -21,14 +21,17 @@ class TrainingError(ValueError):
 @dataclass
 class TrainingConfig:
     pretrained_model_name_or_path: str
-    instance_data_dir: str
-    instance_prompt: str
+    instance_data_dir: str | None  # a folder; None with dataset_name
+    instance_prompt: str | None
     output_dir: str = "flux-dreambooth-lora"
     overwrite_output_dir: bool = False
     # where the model comes from when pretrained_model_name_or_path is a Hub / ModelScope repo id
     revision: str | None = None
     cache_dir: str | None = None
-    # data
+    # data: dataset_name instead of instance_data_dir reads a metadata.jsonl folder or, through the `datasets`
+    # library, anything it loads (data_source.py); dataset_config_name is that library's config name
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
     image_column: str = "image"
     caption_column: str | None = None
     repeats: int = 1
