@@ -26,8 +26,12 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .data_source import DataSource
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -213,7 +217,7 @@ class DreamBoothDataset:
                  repeats: int = 1, buckets: list[tuple[int, int]] | None = None, caption_column: str | None = None,
                  image_column: str = "image", class_data_dir: str | None = None, class_prompt: str | None = None,
                  num_class_images: int | None = None, rng: np.random.Generator | None = None, num_workers: int = 0,
-                 source=None):
+                 source: DataSource | None = None):
         rng = rng if rng is not None else np.random.default_rng()
         if buckets is not None and class_data_dir is not None:
             raise DataError("--aspect_ratio_buckets cannot be combined with --with_prior_preservation: instance and "
