@@ -3,8 +3,9 @@
 The same image pairs and captions are written three ways: a metadata.jsonl folder (the local reader), a
 Dataset with Image columns written by save_to_disk (read with load_from_disk; the images travel as PNG
 bytes), and a parquet folder whose image columns hold paths relative to it (read with load_dataset and
---cache_dir). Every form gives the same pixels and captions, and a Kontext run on the saved dataset
-writes the same LoRA as one on the folder. Bad input stops with one line before any model is loaded.
+--cache_dir), and a Hub id read offline from a datasets cache. Every form gives the same pixels and
+captions, and a Kontext run on the saved dataset writes the same LoRA as one on the folder. Bad input
+stops with one line before any model is loaded.
 """
 
 import importlib.util
@@ -140,6 +141,26 @@ def test_bad_columns_stop_before_the_model_loads(forms, tmp_path, capsys, extra,
     assert kontext_script.cli(args + extra) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.replace("SAVED", str(forms["saved"])) in err[0], err
+
+
+def test_a_hub_id_reads_from_the_offline_cache(forms, tmp_path, monkeypatch):
+    """With HF_HUB_OFFLINE=1 a Hub id loads from --cache_dir as datasets left it after a download (built here
+    from a parquet copy of the saved dataset: datasets' cache layout, <cache>/<user>___<name>/...)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "cache"
+    datasets.load_from_disk(str(forms["saved"])).to_parquet(str(tmp_path / "pairs" / "train.parquet"))
+    datasets.load_dataset(str(tmp_path / "pairs"), cache_dir=str(cache))
+    (cache / "pairs").rename(cache / "user___pairs")  # its files are named pairs-train.arrow already
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub = read_data_source(None, "user/pairs", "image", "text", "cond_image", cache_dir=str(cache),
+                           instance_prompt=PROMPT)
+    local = read_data_source(None, str(forms["folder"]), "image", "text", "cond_image", instance_prompt=PROMPT)
+    expected, data = kontext_dataset(local), kontext_dataset(hub)
+    assert data.captions == expected.captions
+    for a, b in zip(data.images + data.references, expected.images + expected.references):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_hub_id_not_in_the_offline_cache_is_one_line(forms, tmp_path, capsys, monkeypatch):
