@@ -143,6 +143,14 @@ def test_bad_columns_stop_before_the_model_loads(forms, tmp_path, capsys, extra,
     assert len(err) == 1 and message.replace("SAVED", str(forms["saved"])) in err[0], err
 
 
+@pytest.mark.parametrize("form, message", [("parquet", "BuilderConfig 'cats' not found"),
+                                           ("saved", "was written by save_to_disk and has no configs")])
+def test_dataset_config_name_goes_to_the_library(forms, tmp_path, form, message):
+    with pytest.raises(ValueError, match=f"--dataset_(name|config_name) .*{message}"):
+        read_data_source(None, str(forms[form]), "image", "text", "cond_image", dataset_config_name="cats",
+                         cache_dir=str(tmp_path))
+
+
 def test_a_hub_id_reads_from_the_offline_cache(forms, tmp_path, monkeypatch):
     """With HF_HUB_OFFLINE=1 a Hub id loads from --cache_dir as datasets left it after a download (built here
     from a parquet copy of the saved dataset: datasets' cache layout, <cache>/<user>___<name>/...)."""
