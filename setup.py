@@ -26,13 +26,13 @@ setup(
     extras_require={
         # TensorBoard logging; the GGUF fixtures' reader; LoRA interop with mindone (tests/test_lora_mindone.py);
         # --dataset_name through the datasets library (tests/test_train_datasets.py)
-        "test": ["pytest", "tensorboardX", "gguf==0.19.0", "mindone==0.5.0", "datasets", "pyarrow<26"],
+        "test": ["pytest", "tensorboardX", "gguf==0.19.0", "mindone==0.5.0", "datasets==5.0.1", "pyarrow<26"],
         # only to regenerate the PyTorch reference dumps (tests/parity/make_dumps.py) and run bench/
         "torch": ["torch==2.13.0", "diffusers==0.35.2", "peft", "sentencepiece", "protobuf", "prodigyopt"],
         "gguf": ["gguf>=0.17"],  # GGUF transformer files (Q8_0, Q4_K, ...), dequantised at load
         "mindone": ["mindone==0.5.0"],
-        "tensorboard": ["tensorboardX"],
+        "tensorboard": ["tensorboardX"],  # train --report_to tensorboard: pure Python, needs protobuf and numpy
         # train --dataset_name with a Hub id or any folder the library reads; pyarrow 26 needs numpy 2 (undeclared)
-        "datasets": ["datasets", "pyarrow<26"],  # train --report_to tensorboard: pure Python, needs protobuf and numpy
+        "datasets": ["datasets", "pyarrow<26"],
     },
 )
