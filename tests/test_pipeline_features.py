@@ -1,6 +1,7 @@
 """What every FLUX pipeline inherits from FluxPipeline, checked in each of the six: a LoRA and its per-call
 `joint_attention_kwargs={"scale": ...}`, VAE tiling, and batching (lists of prompts and images,
-num_images_per_prompt, one generator per image). Tiny models of tests/fixtures, 48 x 48, 2 steps, PyNative."""
+num_images_per_prompt, one generator per image). Tiny models of tests/fixtures, 48 x 48, one denoising step,
+PyNative."""
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ SEEDS = [11, 12, 13, 14]  # one per image of a 2 prompts x 2 images batch
 PIPELINES = {
     "FluxPipeline": ("transformer", {}, 0, None),
     # strength 0.5 of 2 steps: the second step runs, from the image noised half way (so the image counts)
-    "FluxImg2ImgPipeline": ("transformer", {"strength": 0.5}, 4, lambda j: j),
-    "FluxInpaintPipeline": ("transformer", {"strength": 0.5, "mask_image": "mask"}, 4, lambda j: j),
+    "FluxImg2ImgPipeline": ("transformer", {"strength": 0.5, "num_inference_steps": 2}, 4, lambda j: j),
+    "FluxInpaintPipeline": ("transformer", {"strength": 0.5, "num_inference_steps": 2, "mask_image": "mask"}, 4,
+                            lambda j: j),
     "FluxFillPipeline": ("transformer_fill", {"mask_image": "mask"}, 4, lambda j: j),
     # Kontext encodes the posterior mean (no draw), so 2 images can serve 4 rows: repeated whole, as diffusers
     "FluxKontextPipeline": ("transformer", {"max_area": SIZE * SIZE, "_auto_resize": False}, 2, lambda j: j % 2),
@@ -57,7 +59,7 @@ def call(loaded, name: str, rows: list[int], **extra) -> tuple[np.ndarray, list[
     and the latents after each step."""
     _, own, count, image_of = PIPELINES[name]
     steps = []
-    kwargs = {"height": SIZE, "width": SIZE, "num_inference_steps": 2, "max_sequence_length": 16,
+    kwargs = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "max_sequence_length": 16,
               "output_type": "np", "generator": [SEEDS[j] for j in rows], **own,
               "callback_on_step_end": lambda p, i, t, kw: steps.append(kw["latents"].asnumpy()) or {}}
     if len(rows) == 4:
