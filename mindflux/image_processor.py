@@ -97,10 +97,20 @@ def as_image_list(image: ImageInput, name: str) -> list:
     return out
 
 
-def image_size(image: ImageInput) -> tuple[int, int]:
+def image_size(image: ImageInput, name: str = "image") -> tuple[int, int]:
     """(height, width) of the first image of `image` (as given, before any resize)."""
-    first = as_image_list(image, "image")[0]
+    first = as_image_list(image, name)[0]
     return (first.height, first.width) if _is_pil(first) else tuple(first.shape[1:3])
+
+
+def check_mask_size(image: ImageInput | None, mask_image: ImageInput) -> None:
+    """A ValueError unless `mask_image` has the size of `image` (when there is one), naming both sizes."""
+    if image is None:
+        return
+    image_hw, mask_hw = image_size(image, "image"), image_size(mask_image, "mask_image")
+    if image_hw != mask_hw:
+        raise ValueError(f"`mask_image` is {mask_hw} (height, width) but `image` is {image_hw}; they must be the "
+                         "same size")
 
 
 def default_height_width(image: ImageInput, height: int | None, width: int | None,
@@ -321,7 +331,6 @@ def tile_batch(array, batch: int, name: str):
     return ops.concat([array] * reps, 0)
 
 
-__all__ = ["apply_overlay", "as_image_list", "binarize", "crop_region", "default_height_width", "image_size",
-           "load_image", "normalize", "pack_array", "pack_mask", "preprocess", "resize", "resize_and_crop",
-           "resize_nearest", "tile_batch", "to_pixels"]
-
+__all__ = ["apply_overlay", "as_image_list", "binarize", "check_mask_size", "crop_region", "default_height_width",
+           "image_size", "load_image", "normalize", "pack_array", "pack_mask", "preprocess", "resize",
+           "resize_and_crop", "resize_nearest", "tile_batch", "to_pixels"]

@@ -172,3 +172,23 @@ def test_pipelines_and_training_read_files_alike(tmp_path):
     mask = image_processor.preprocess(str(tmp_path / "mask.png"), name="mask_image", mask=True)
     assert mask.sum() == 64 and mask[0, 0, 4:12, 4:12].all()
     assert np.asarray(training_load_image(str(tmp_path / "mask.png"))).min() == 255
+
+
+def test_fill_and_mask_inputs_fail_before_model_work(loaded, tmp_path):
+    """What tests/test_pipelines.py checks for Inpaint and Img2Img, for Fill and the mask file: the error names the
+    argument or file and comes before prompt encoding (the text encoders are gone, which would fail otherwise)."""
+    fill = loaded["pipes"]["FluxFillPipeline"]
+    bare = type(fill)(**dict(fill.components, text_encoder=None, text_encoder_2=None))
+    call = dict(prompt="a cat", height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent")
+    image, mask = loaded["images"][0], loaded["mask"]
+    with pytest.raises(ValueError, match=r"`mask_image` is \(32, 48\).*`image` is \(48, 48\)"):
+        bare(**call, image=image, mask_image=mask[:32])
+    with pytest.raises(ValueError, match="strength should in"):
+        bare(**call, image=image, mask_image=mask, strength=-0.1)
+    broken = tmp_path / "mask.png"
+    broken.write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match=f"`mask_image`: cannot read image file {broken}"):
+        bare(**call, image=image, mask_image=str(broken))
+    with pytest.raises(ValueError, match="x_embedder takes 128: load it with FluxControlPipeline"):
+        pipelines.FluxFillPipeline(**dict(bare.components, transformer=loaded["pipes"]["FluxControlPipeline"]
+                                          .transformer))(**call, image=image, mask_image=mask)
