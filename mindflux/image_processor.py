@@ -18,18 +18,43 @@ from mindspore import Tensor
 ImageInput = Any  # a path, PIL image, (H, W, C) / (B, H, W, C) numpy array in [0, 1], (B, C, H, W) Tensor, or a list
 
 
-def load_image(path: str | os.PathLike, name: str = "image"):
-    """A PIL RGB image read from `path` (EXIF orientation applied); ValueError naming `name` and the file."""
+def load_image(path: str | os.PathLike, name: str | None = "image", *, alpha_over_white: bool = False):
+    """A PIL RGB image read from `path`, EXIF orientation applied; ValueError naming `name` and the file.
+
+    16-bit greyscale is scaled to 8 bits by its depth (PIL's own convert clips it to white). Transparency is
+    dropped as diffusers' load_image drops it, or with `alpha_over_white` composited over white (training's
+    choice: a cut-out subject should not show whatever colour hides under its transparent pixels)."""
     from PIL import Image, UnidentifiedImageError
     from PIL.ImageOps import exif_transpose
 
     try:
         with Image.open(path) as opened:
-            image = exif_transpose(opened).convert("RGB")
+            image = exif_transpose(opened)
+            if image.mode.startswith("I"):
+                image = _high_bit_depth_to_8bit(image)
+            if alpha_over_white and image.mode in ("RGBA", "LA", "P", "PA"):
+                rgba = image.convert("RGBA")
+                image = Image.new("RGB", rgba.size, (255, 255, 255))
+                image.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                image = image.convert("RGB")
             image.load()
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise ValueError(f"`{name}`: cannot read image file {path}: {err}") from None
+        prefix = f"`{name}`: " if name else ""
+        raise ValueError(f"{prefix}cannot read image file {path}: {err}") from None
     return image
+
+
+def _high_bit_depth_to_8bit(image):
+    """16-bit (or 32-bit integer) greyscale scaled by its bit depth to 8-bit "L"."""
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or values.max(initial=0) <= 65535:
+        depth_max = 65535.0  # PNG/TIFF 16-bit greyscale (Pillow may open it as "I")
+    else:
+        depth_max = float(2**32 - 1)
+    return Image.fromarray(np.clip(np.round(values / depth_max * 255.0), 0, 255).astype(np.uint8), mode="L")
 
 
 def _is_pil(image) -> bool:
@@ -72,10 +97,20 @@ def as_image_list(image: ImageInput, name: str) -> list:
     return out
 
 
-def image_size(image: ImageInput) -> tuple[int, int]:
+def image_size(image: ImageInput, name: str = "image") -> tuple[int, int]:
     """(height, width) of the first image of `image` (as given, before any resize)."""
-    first = as_image_list(image, "image")[0]
+    first = as_image_list(image, name)[0]
     return (first.height, first.width) if _is_pil(first) else tuple(first.shape[1:3])
+
+
+def check_mask_size(image: ImageInput | None, mask_image: ImageInput) -> None:
+    """A ValueError unless `mask_image` has the size of `image` (when there is one), naming both sizes."""
+    if image is None:
+        return
+    image_hw, mask_hw = image_size(image, "image"), image_size(mask_image, "mask_image")
+    if image_hw != mask_hw:
+        raise ValueError(f"`mask_image` is {mask_hw} (height, width) but `image` is {image_hw}; they must be the "
+                         "same size")
 
 
 def default_height_width(image: ImageInput, height: int | None, width: int | None,
@@ -153,6 +188,36 @@ def resize(image, height: int, width: int, resize_mode: str = "default"):
 def normalize(pixels: np.ndarray) -> np.ndarray:
     """[0, 1] -> [-1, 1], the VAE's input range."""
     return np.float32(2.0) * pixels - np.float32(1.0)
+
+
+def resize_and_crop(image, height: int, width: int, center_crop: bool, rng: np.random.Generator) -> np.ndarray:
+    """Scale (bilinear) so the PIL image covers height x width, then crop to it: (height, width, 3) uint8.
+
+    For a square target this is the diffusers training scripts' Resize(shorter side) + CenterCrop / RandomCrop;
+    a random crop's offsets are drawn from `rng`."""
+    from PIL import Image
+
+    w, h = image.size
+    # the binding side becomes exact, the other is rounded down as torchvision's Resize(int) does
+    if height * w >= width * h:
+        size = (max(width, int(height * w / h)), height)
+    else:
+        size = (width, max(height, int(width * h / w)))
+    if size != (w, h):
+        image = image.resize(size, Image.BILINEAR)
+    w, h = image.size
+    if center_crop:
+        top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    else:
+        top, left = int(rng.integers(0, h - height + 1)), int(rng.integers(0, w - width + 1))
+    return np.asarray(image.crop((left, top, left + width, top + height)), np.uint8)
+
+
+def to_pixels(image: np.ndarray, flip: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1] (as preprocess does), mirrored left-right if `flip`."""
+    if flip:
+        image = image[:, ::-1]
+    return normalize(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0))
 
 
 def binarize(mask: np.ndarray) -> np.ndarray:
@@ -266,7 +331,6 @@ def tile_batch(array, batch: int, name: str):
     return ops.concat([array] * reps, 0)
 
 
-__all__ = ["apply_overlay", "as_image_list", "binarize", "crop_region", "default_height_width", "image_size",
-           "load_image", "normalize", "pack_array", "pack_mask", "preprocess", "resize", "resize_nearest",
-           "tile_batch"]
-
+__all__ = ["apply_overlay", "as_image_list", "binarize", "check_mask_size", "crop_region", "default_height_width",
+           "image_size", "load_image", "normalize", "pack_array", "pack_mask", "preprocess", "resize",
+           "resize_and_crop", "resize_nearest", "tile_batch", "to_pixels"]

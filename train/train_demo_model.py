@@ -58,10 +58,10 @@ def render_dataset(num_images: int, seed: int):
     import numpy as np
 
     from mindflux.demo.shapes import render, sample_specs
+    from mindflux.image_processor import to_pixels
 
     specs = sample_specs(num_images, seed)
-    pixels = np.stack([np.asarray(render(s), np.float32) for s in specs]).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    return specs, pixels.astype(np.float32)
+    return specs, np.stack([to_pixels(np.asarray(render(s), np.uint8)) for s in specs])
 
 
 def fit(loss_net, params, learning_rate: float, steps: int, make_inputs, desc: str, warmup: int = 100) -> list[float]:

@@ -43,10 +43,7 @@ class FluxFillPipeline(StrengthMixin, FluxPipeline):
         if c.masked_image_latents is None:
             if c.mask_image is None:
                 raise ValueError("FluxFillPipeline needs `mask_image` (or `masked_image_latents`)")
-            if c.image is not None and \
-                    image_processor.image_size(c.image) != image_processor.image_size(c.mask_image):
-                raise ValueError(f"`mask_image` is {image_processor.image_size(c.mask_image)} (height, width) but "
-                                 f"`image` is {image_processor.image_size(c.image)}; they must be the same size")
+            image_processor.check_mask_size(c.image, c.mask_image)
         self.check_image_and_strength(c)
         if c.masked_image_latents is None:
             c.mask = image_processor.preprocess(c.mask_image, c.height, c.width, name="mask_image", mask=True)

@@ -42,9 +42,7 @@ class FluxInpaintPipeline(StrengthMixin, FluxPipeline):
     def prepare_inputs(self, c: SimpleNamespace) -> None:
         if c.mask_image is None:
             raise ValueError("FluxInpaintPipeline needs `mask_image`")
-        if c.image is not None and image_processor.image_size(c.image) != image_processor.image_size(c.mask_image):
-            raise ValueError(f"`mask_image` is {image_processor.image_size(c.mask_image)} (height, width) but `image` "
-                             f"is {image_processor.image_size(c.image)}; they must be the same size")
+        image_processor.check_mask_size(c.image, c.mask_image)
         c.crops_coords, c.resize_mode = None, "default"
         if c.padding_mask_crop is not None:
             if c.output_type != "pil":

@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import image_processor
+from ..image_processor import resize_and_crop, to_pixels
+
 if TYPE_CHECKING:
     from .data_source import DataSource
 
@@ -53,39 +56,12 @@ def list_images(folder: str) -> list[str]:
 
 
 def load_image(path: str):
-    """A PIL RGB image with its EXIF orientation applied (RGBA, palette and greyscale converted)."""
-    from PIL import Image, UnidentifiedImageError
-    from PIL.ImageOps import exif_transpose
-
+    """A PIL RGB image with its EXIF orientation applied (16-bit greyscale scaled, transparency over white);
+    DataError naming the file when it cannot be read."""
     try:
-        with Image.open(path) as opened:
-            image = exif_transpose(opened)
-            if image.mode.startswith("I"):
-                image = _high_bit_depth_to_8bit(image)
-            if image.mode in ("RGBA", "LA", "P", "PA"):
-                # composite transparency over white rather than letting convert() expose what is under it
-                rgba = image.convert("RGBA")
-                image = Image.new("RGB", rgba.size, (255, 255, 255))
-                image.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                image = image.convert("RGB")
-            image.load()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from None
-    return image
-
-
-def _high_bit_depth_to_8bit(image):
-    """16-bit (or 32-bit integer) greyscale scaled by its bit depth to 8-bit "L": PIL's convert("RGB")
-    clips such values at 255, which makes a 16-bit photo all white."""
-    from PIL import Image
-
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or values.max(initial=0) <= 65535:
-        depth_max = 65535.0  # PNG/TIFF 16-bit greyscale (Pillow may open it as "I")
-    else:
-        depth_max = float(2**32 - 1)
-    return Image.fromarray(np.clip(np.round(values / depth_max * 255.0), 0, 255).astype(np.uint8), mode="L")
+        return image_processor.load_image(path, None, alpha_over_white=True)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def parse_buckets(spec: str | None, multiple: int = 16) -> list[tuple[int, int]] | None:
@@ -112,35 +88,6 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> i
     """The bucket whose aspect ratio is closest to the image's (in log ratio: 2:1 and 1:2 are equally far from 1:1)."""
     ratio = np.log(height / width)
     return int(np.argmin([abs(np.log(h / w) - ratio) for h, w in buckets]))
-
-
-def resize_and_crop(image, height: int, width: int, center_crop: bool, rng: np.random.Generator) -> np.ndarray:
-    """Scale (bilinear) so the image covers height x width, then crop to it: (height, width, 3) uint8.
-
-    For a square target this is diffusers' Resize(shorter side) + CenterCrop / RandomCrop."""
-    from PIL import Image
-
-    w, h = image.size
-    # the binding side becomes exact, the other is rounded down as torchvision's Resize(int) does
-    if height * w >= width * h:
-        size = (max(width, int(height * w / h)), height)
-    else:
-        size = (width, max(height, int(width * h / w)))
-    if size != (w, h):
-        image = image.resize(size, Image.BILINEAR)
-    w, h = image.size
-    if center_crop:
-        top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
-    else:
-        top, left = int(rng.integers(0, h - height + 1)), int(rng.integers(0, w - width + 1))
-    return np.asarray(image.crop((left, top, left + width, top + height)), np.uint8)
-
-
-def to_pixels(image: np.ndarray, flip: bool = False) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1], mirrored left-right if `flip`."""
-    if flip:
-        image = image[:, ::-1]
-    return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def read_folder_captions(folder: str, caption_column: str | None = None,
