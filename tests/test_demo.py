@@ -38,11 +38,13 @@ def pipe():
     return pipe
 
 
-def test_the_demo_model_draws_what_the_prompt_asks(pipe):
+def test_the_demo_model_draws_what_the_prompt_asks(pipe, graph_mode):
+    # graph mode, as generate.py runs, in batches of 8: one compile serves all six batches and the
+    # DreamBooth test's eight seeds below (CPU time 27 s against PyNative's 162 s, the same readings)
     cases = eval_cases()
-    readings = evaluate(pipe, cases)
+    readings = evaluate(pipe, cases, batch_size=8)
     correct = [drawn_as_asked(r, c.spec) for r, c in zip(readings, cases)]
-    # measured 46/48 (95.8%) for the shipped model; the goal is 90%
+    # measured 46/48 (95.8%) for the shipped model, in PyNative and in graph mode; the goal is 90%
     print(f"drawn as asked: {sum(correct)}/{len(cases)}")
     assert np.mean(correct) >= 0.9, [(c.prompt, r) for c, r, ok in zip(cases, readings, correct) if not ok]
 
