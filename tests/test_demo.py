@@ -38,11 +38,13 @@ def pipe():
     return pipe
 
 
-def test_the_demo_model_draws_what_the_prompt_asks(pipe):
+def test_the_demo_model_draws_what_the_prompt_asks(pipe, graph_mode):
+    # graph mode, as generate.py runs, in batches of 8: one compile serves all six batches and the
+    # DreamBooth test's eight seeds below (CPU time 27 s against PyNative's 162 s, the same readings)
     cases = eval_cases()
-    readings = evaluate(pipe, cases)
+    readings = evaluate(pipe, cases, batch_size=8)
     correct = [drawn_as_asked(r, c.spec) for r, c in zip(readings, cases)]
-    # measured 46/48 (95.8%) for the shipped model; the issue's goal is 90%
+    # measured 46/48 (95.8%) for the shipped model, in PyNative and in graph mode; the issue's goal is 90%
     print(f"drawn as asked: {sum(correct)}/{len(cases)}")
     assert np.mean(correct) >= 0.9, [(c.prompt, r) for c, r, ok in zip(cases, readings, correct) if not ok]
 
@@ -83,10 +85,11 @@ def test_dreambooth_demo_teaches_the_ring(pipe, tmp_path, graph_mode):
     before = holes()
     script = load_script(ROOT / "train" / "train_dreambooth_lora_flux.py", "train_dreambooth_demo")
     out = tmp_path / "ring-lora"
-    # the command of docs/demo.md
+    # docs/demo.md's command with lr 1e-2 and 200 steps instead of 3e-3 and 600: the same rise in a third of
+    # the steps (its pictures keep the slower recipe, whose outlines are smoother)
     assert script.cli(["--pretrained_model_name_or_path", str(DEMO_MODEL_DIR), "--instance_data_dir",
                        str(INSTANCE_DIR), "--instance_prompt", INSTANCE_PROMPT, "--resolution", "64",
-                       "--train_batch_size", "2", "--learning_rate", "3e-3", "--max_train_steps", "600", "--rank", "8",
+                       "--train_batch_size", "2", "--learning_rate", "1e-2", "--max_train_steps", "200", "--rank", "8",
                        "--lora_alpha", "8", "--seed", "0", "--output_dir", str(out), "--report_to", "none"]) == 0
     pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
     try:
@@ -94,5 +97,6 @@ def test_dreambooth_demo_teaches_the_ring(pipe, tmp_path, graph_mode):
     finally:
         pipe.unload_lora_weights()
     print(f"hole ratio before {np.round(before, 2)}, after {np.round(after, 2)}")
-    # measured on the CPU: before 0.0 for all 8 seeds, after 0.34 on average (0.05 to 0.92 per seed)
+    # measured on the CPU: before 0.0 for all 8 seeds, after 0.33 on average (0.19 to 0.49 per seed; training
+    # seed 1: 0.27); docs' 600-step recipe: 0.34 (0.05 to 0.92). A LoRA that does not learn (lr 1e-9): 0.0
     assert np.mean(before) < 0.02 and np.mean(after) - np.mean(before) > 0.15, (before, after)
