@@ -1,6 +1,7 @@
 """Peak memory and time of one transformer forward at FLUX.1-dev's real width, mindflux against diffusers.
 
     python bench/bench_realwidth_memory.py [--size 1024] [--keep /tmp/realwidth] [--torch_python PYTHON]
+                                           [--mode graph|pynative] [--skip_torch]
 
 Config: FLUX.1-dev's width (24 heads of 128 = 3072, joint 4096, pooled 768, rope 16/56/56, guidance)
 with 1 double + 1 single block: 0.54 B parameters, 2.2 GB in fp32. Input: a --size x --size image
@@ -8,16 +9,20 @@ with 1 double + 1 single block: 0.54 B parameters, 2.2 GB in fp32. Input: a --si
 
 Each framework runs in its own fresh process: diffusers builds the model with seeded weights and saves
 it (save_pretrained) with the inputs; both then load that folder (from_pretrained), run one forward
-untimed and one timed (mindflux: graph mode, so the first call compiles), and report the peak RSS of
-the process (loading included) and the seconds of the timed forward. The outputs must agree within
-1e-4 of their largest value. Goal (issue 16): mindflux <= 1.3x PyTorch in peak RSS and in time at 1024.
+untimed and one timed (mindflux in --mode; in graph mode the first call compiles), and report the peak
+RSS of the process (loading included) and the seconds of the timed forward. The outputs must agree
+within 1e-4 of their largest value. Goal (issue 16): mindflux <= 1.3x PyTorch in peak RSS and in time
+at 1024. With --keep, the PyTorch figures and output are saved there and --skip_torch reuses them
+(they do not change), so iterating on mindflux runs only its side.
 
-Memory: at 1024 mindflux needed 14 GB (math attention holding whole S x S scores), PyTorch 3.4 GB; at
-512, 5.5 GB and 3.0 GB. Check `free -g` before running on a shared machine.
+Memory (docs/performance.md, one run each at 1024): PyTorch 3.3-3.4 GB; mindflux graph mode 10.3 GB
+(MindSpore's CPU graph keeps about 3x the activations PyNative does), PyNative 4.2 GB but about 2x
+slower than graph mode. Check `free -g` before running on a shared machine.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -73,7 +78,7 @@ def child_torch(folder: Path, size: int) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
-def child_mindflux(folder: Path, size: int) -> dict:
+def child_mindflux(folder: Path, size: int, mode: str) -> dict:
     import time
 
     import numpy as np
@@ -82,7 +87,7 @@ def child_mindflux(folder: Path, size: int) -> dict:
     import mindflux
     from mindflux import FluxTransformer2DModel
 
-    mindflux.set_device("cpu", "graph")
+    mindflux.set_device("cpu", mode)
     load_start = time.perf_counter()
     model = FluxTransformer2DModel.from_pretrained(str(folder / "transformer"))
     load_s, load_rss = time.perf_counter() - load_start, peak_rss_mb()
@@ -105,12 +110,22 @@ def main() -> None:
                                                "(e.g. /work/tvenv/bin/python)")
     parser.add_argument("--keep", help="folder for the saved model and outputs, kept for later runs "
                                        "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--mode", choices=("graph", "pynative"), default="graph",
+                        help="mindflux's execution mode (PyNative frees intermediates as it goes: less memory, "
+                             "slower on the CPU; see docs/performance.md)")
+    parser.add_argument("--skip_torch", action="store_true",
+                        help="reuse the PyTorch figures and output that an earlier run saved in --keep's folder "
+                             "(they do not change) and run mindflux only")
     args = parser.parse_args()
     if args.size % 16:
         parser.error(f"--size must be a multiple of 16; got {args.size}")
+    saved = Path(args.keep or ".") / f"torch_{args.size}.json"
+    if args.skip_torch and not (args.keep and saved.is_file()):
+        parser.error(f"--skip_torch needs --keep with a folder where an earlier run saved {saved.name}")
     if args.child is not None:
         framework, folder = args.child
-        emit((child_torch if framework == "torch" else child_mindflux)(Path(folder), args.size))
+        emit(child_torch(Path(folder), args.size) if framework == "torch"
+             else child_mindflux(Path(folder), args.size, args.mode))
         return
     import numpy as np
 
@@ -118,8 +133,12 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         sizes = ["--size", str(args.size)]
-        torch = run_child(__file__, ["torch", str(folder), *sizes], python=args.torch_python)  # writes the model
-        ms = run_child(__file__, ["mindflux", str(folder), *sizes])
+        if args.skip_torch:
+            torch = json.loads(saved.read_text())
+        else:
+            torch = run_child(__file__, ["torch", str(folder), *sizes], python=args.torch_python)  # writes the model
+            (folder / saved.name).write_text(json.dumps(torch))
+        ms = run_child(__file__, ["mindflux", str(folder), *sizes, "--mode", args.mode])
         a, b = (np.load(folder / f"{name}_{args.size}.npy") for name in ("torch", "mindflux"))
         error = float(np.abs(a - b).max() / np.abs(a).max())
     finally:
@@ -127,14 +146,15 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
     tokens = (args.size // 16) ** 2
     print(f"real width (3072, 24 heads), 1 double + 1 single block, fp32, {args.size}x{args.size}: {tokens} image + "
-          f"{TEXT_LEN} text tokens, batch 1, CPU")
+          f"{TEXT_LEN} text tokens, batch 1, CPU; mindflux in {args.mode} mode")
     print(f"{'':28}{'torch':>10}{'mindflux':>10}{'ratio':>8}   goal")
     print(f"{'peak RSS (GB)':28}{torch['peak_rss_mb'] / 1024:10.2f}{ms['peak_rss_mb'] / 1024:10.2f}"
           f"{ms['peak_rss_mb'] / torch['peak_rss_mb']:8.2f}   <= 1.3")
     print(f"{'forward (s, second call)':28}{torch['seconds']:10.2f}{ms['seconds']:10.2f}"
           f"{ms['seconds'] / torch['seconds']:8.2f}   <= 1.3")
     print(f"mindflux: from_pretrained {ms['load_s']:.1f} s, peak RSS after loading {ms['load_peak_rss_mb'] / 1024:.2f} "
-          f"GB; first forward (graph compilation + run) {ms['first_s']:.1f} s")
+          f"GB; first forward ({'graph compilation + run' if args.mode == 'graph' else 'PyNative'}) "
+          f"{ms['first_s']:.1f} s")
     print(f"outputs: max |mindflux - torch| / max |torch| = {error:.1e} (bound 1e-4): "
           f"{'ok' if error <= 1e-4 else 'FAILED'}")
     return 0 if error <= 1e-4 else 1

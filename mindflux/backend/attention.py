@@ -15,6 +15,13 @@ _transposed_weighted_sum = ops.BatchMatMul(transpose_a=True)
 
 BACKENDS = ("math", "flash")
 
+# Where the (B, H, S, S) scores would hold more than MAX_WHOLE_SCORES elements (64 MB in fp32), the math
+# path builds them for QUERY_CHUNK queries at a time, so they are never whole (24 heads x 4608^2 x 4 B =
+# 2 GB per attention at 1024^2). Both from measurements at FLUX.1-dev width (docs/performance.md); smaller
+# calls (the tests, the bench config, FLUX.1 at 256^2) run in one piece as before.
+QUERY_CHUNK = 512
+MAX_WHOLE_SCORES = 16 * 2**20
+
 
 class _MathAttention(nn.Cell):
     """softmax(q k^T) v with a hand-written backward.
@@ -63,4 +70,18 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, back
         return flash_attention(query, key, value, scale)
     if scale != 1.0:
         query = query * scale  # (B, H, S, D) is cheaper to scale than the (B, H, S, S) scores
-    return _math_attention(query, key, value)[0]
+    return _chunked_math_attention(query, key, value)
+
+
+def _chunked_math_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """The math path over chunks of QUERY_CHUNK queries where the whole scores would be large: a row's
+    softmax needs every key but no other query, so chunks are independent. Each chunk's backward is
+    _MathAttention's own; autodiff sums the key and value gradients over chunks and concatenates the
+    query gradients (split's backward)."""
+    batch, heads, queries = query.shape[:3]
+    if queries <= QUERY_CHUNK or batch * heads * queries * key.shape[2] <= MAX_WHOLE_SCORES:
+        return _math_attention(query, key, value)[0]
+    outs = ()
+    for part in ops.split(query, QUERY_CHUNK, 2):
+        outs = outs + (_math_attention(part, key, value)[0],)
+    return ops.concat(outs, 2)
