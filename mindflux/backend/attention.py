@@ -82,9 +82,8 @@ def _chunked_math_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor
     keys = key.shape[2]
     # A dynamic-shape graph (the tiled VAE's) knows its lengths only at run time: split needs them at compile
     # time, so such calls run in one piece.
-    if not (ops.isconstant(queries) and ops.isconstant(keys)):
-        return _math_attention(query, key, value)[0]
-    if queries <= QUERY_CHUNK or batch * heads * queries * keys <= MAX_WHOLE_SCORES:
+    dynamic = not (ops.isconstant(queries) and ops.isconstant(keys))
+    if dynamic or queries <= QUERY_CHUNK or batch * heads * queries * keys <= MAX_WHOLE_SCORES:
         return _math_attention(query, key, value)[0]
     outs = ()
     for part in ops.split(query, QUERY_CHUNK, 2):

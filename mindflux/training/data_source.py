@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import os
 from dataclasses import dataclass
 from typing import Union
 
-from .dataset import CAPTION_KEYS, METADATA_FILE, DataError, read_folder_captions
+from .dataset import CAPTION_KEYS, METADATA_FILE, DataError, metadata_records, read_folder_captions
 
 SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # what Dataset(Dict).save_to_disk writes at the top
 
@@ -110,21 +109,17 @@ def read_folder_source(folder: str, image_column: str = "image", caption_column:
 
 
 def read_reference_paths(folder: str, cond_image_column: str) -> list[str]:
-    """The reference image of every metadata.jsonl line (already checked as JSON by read_folder_captions)."""
+    """The reference image of every metadata.jsonl line."""
     metadata = os.path.join(folder, METADATA_FILE)
     paths = []
-    with open(metadata, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if cond_image_column not in record:
-                raise DataError(f"--cond_image_column '{cond_image_column}' not found in {metadata} line {number}; "
-                                f"it has {', '.join(record)}")
-            path = os.path.join(folder, str(record[cond_image_column]))
-            if not os.path.isfile(path):
-                raise DataError(f"{metadata} line {number}: reference image {path} does not exist")
-            paths.append(path)
+    for number, record in metadata_records(metadata):
+        if cond_image_column not in record:
+            raise DataError(f"--cond_image_column '{cond_image_column}' not found in {metadata} line {number}; "
+                            f"it has {', '.join(record)}")
+        path = os.path.join(folder, str(record[cond_image_column]))
+        if not os.path.isfile(path):
+            raise DataError(f"{metadata} line {number}: reference image {path} does not exist")
+        paths.append(path)
     return paths
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -90,6 +91,22 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> i
     return int(np.argmin([abs(np.log(h / w) - ratio) for h, w in buckets]))
 
 
+def metadata_records(metadata: str) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) for each non-empty line of a metadata.jsonl file; DataError naming the line
+    that is not a JSON object."""
+    with open(metadata, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{metadata} line {number} is not JSON: {err}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{metadata} line {number} is not a JSON object")
+            yield number, record
+
+
 def read_folder_captions(folder: str, caption_column: str | None = None,
                          image_column: str = "image") -> tuple[list[str], list[str | None]]:
     """(image paths, captions or None) of a folder dataset (see the module doc)."""
@@ -109,30 +126,21 @@ def read_folder_captions(folder: str, caption_column: str | None = None,
             captions.append(_read_text(txt) if os.path.isfile(txt) else None)
         return paths, captions
     paths, captions = [], []
-    with open(metadata, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{metadata} line {number} is not JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{metadata} line {number} is not a JSON object")
-            key = image_column if image_column in record else "file_name" if "file_name" in record else None
-            if key is None:
-                raise DataError(f"{metadata} line {number} has no image column '{image_column}' (or 'file_name'); "
-                                f"it has {', '.join(record)}")
-            if caption_column is not None and caption_column not in record:
-                raise DataError(f"--caption_column '{caption_column}' not found in {metadata} line {number}; it has "
-                                f"{', '.join(record)}")
-            caption_key = caption_column or next((k for k in CAPTION_KEYS if k in record), None)
-            path = os.path.join(folder, str(record[key]))
-            if not os.path.isfile(path):
-                raise DataError(f"{metadata} line {number}: image {path} does not exist")
-            paths.append(path)
-            caption = record.get(caption_key) if caption_key else None
-            captions.append(str(caption) if caption is not None else None)
+    for number, record in metadata_records(metadata):
+        key = image_column if image_column in record else "file_name" if "file_name" in record else None
+        if key is None:
+            raise DataError(f"{metadata} line {number} has no image column '{image_column}' (or 'file_name'); "
+                            f"it has {', '.join(record)}")
+        if caption_column is not None and caption_column not in record:
+            raise DataError(f"--caption_column '{caption_column}' not found in {metadata} line {number}; it has "
+                            f"{', '.join(record)}")
+        caption_key = caption_column or next((k for k in CAPTION_KEYS if k in record), None)
+        path = os.path.join(folder, str(record[key]))
+        if not os.path.isfile(path):
+            raise DataError(f"{metadata} line {number}: image {path} does not exist")
+        paths.append(path)
+        caption = record.get(caption_key) if caption_key else None
+        captions.append(str(caption) if caption is not None else None)
     return paths, captions
 
 
