@@ -7,6 +7,8 @@ import math
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from .layout import in_order
+
 # (B, H, S, D) x (B, H, S, D) -> (B, H, S, S): transpose_b reads k as stored; an explicit
 # transpose would be a copy on the CPU (measured 17 ms vs 38 ms for 1152 tokens x 4 heads).
 _scores = ops.BatchMatMul(transpose_b=True)
@@ -16,10 +18,11 @@ _transposed_weighted_sum = ops.BatchMatMul(transpose_a=True)
 BACKENDS = ("math", "flash")
 
 # Where the (B, H, S, S) scores would hold more than MAX_WHOLE_SCORES elements (64 MB in fp32), the math
-# path builds them for QUERY_CHUNK queries at a time, so they are never whole (24 heads x 4608^2 x 4 B =
-# 2 GB per attention at 1024^2). Both from measurements at FLUX.1-dev width (docs/performance.md); smaller
+# path builds them for QUERY_CHUNK queries at a time, one chunk after another, so they are never whole
+# (24 heads x 4608^2 x 4 B = 2 GB per attention at 1024^2). Both from measurements at FLUX.1-dev width
+# (docs/performance.md: 256 queries peaked 0.3 GB below 512 at 1024^2, at no measurable time cost); smaller
 # calls (the tests, the bench config, FLUX.1 at 256^2) run in one piece as before.
-QUERY_CHUNK = 512
+QUERY_CHUNK = 256
 MAX_WHOLE_SCORES = 16 * 2**20
 
 
@@ -87,5 +90,6 @@ def _chunked_math_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor
         return _math_attention(query, key, value)[0]
     outs = ()
     for part in ops.split(query, QUERY_CHUNK, 2):
+        part = in_order(part, outs[-1]) if outs else part
         outs = outs + (_math_attention(part, key, value)[0],)
     return ops.concat(outs, 2)

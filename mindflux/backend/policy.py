@@ -6,6 +6,9 @@
     Ascend A2 (910B)   fp32, bf16, fp16 bf16      flash                   fp32          MindSpore's kernel
     Ascend 910A        fp32, fp16       fp16      math                    fp32          MindSpore's kernel
 
+On the CPU only, broadcasts and head moves are written out and feed-forwards run 1024 tokens at a time
+(`index_tables`, `feed_forward_chunk`; backend.layout says why).
+
 Why each cell holds (MindSpore 2.7.1): the CPU has no bf16/fp16 MatMul kernel; the GPU's BiasAdd and
 LayerNorm have no bf16 kernel; `flash_attention_score` is documented for Atlas A2 only and 910A's
 matmul has no bf16; Ascend's matmul and trig have no fp64 (diffusers too computes RoPE in fp32 on NPUs).
@@ -43,6 +46,8 @@ class DevicePolicy:
     rope_fp64: bool             # rotary angles in fp64 (diffusers' choice where fp64 exists)
     plain_layer_norm: bool      # the hand-written non-affine LayerNorm backward (faster on the CPU)
     refused: tuple[tuple[str, str], ...] = ()   # (dtype, why) for the dtypes this device cannot run
+    index_tables: bool = False  # broadcasting ops and Transpose keep per-element index tables (backend.layout)
+    feed_forward_chunk: int = 0  # tokens per feed-forward chunk on long sequences; 0: whole (backend.layout)
 
     @property
     def lazy_inline(self) -> bool:
@@ -76,7 +81,7 @@ _910A_BF16 = "the Ascend 910A's matmul has no bf16; use fp16"
 
 _TABLE = {
     "CPU": DevicePolicy("CPU", "", "CPU", ("fp32",), "fp32", False, True, True,
-                        (("bf16", _CPU_HALF), ("fp16", _CPU_HALF))),
+                        (("bf16", _CPU_HALF), ("fp16", _CPU_HALF)), index_tables=True, feed_forward_chunk=1024),
     "GPU": DevicePolicy("GPU", "", "GPU", ("fp32", "fp16"), "fp16", False, True, False, (("bf16", _GPU_BF16),)),
     "Ascend A2": DevicePolicy("Ascend", "", "Ascend A2", ("fp32", "bf16", "fp16"), "bf16", True, False, False),
     "Ascend 910A": DevicePolicy("Ascend", "", "Ascend 910A", ("fp32", "fp16"), "fp16", False, False, False,

@@ -7,7 +7,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from ..backend import DeviceAware, DevicePolicy, PlainLayerNorm
+from ..backend import DeviceAware, DevicePolicy, PlainLayerNorm, expand_as
 
 
 class LayerNorm(DeviceAware, nn.Cell):
@@ -55,12 +55,17 @@ class RMSNorm(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         h = x.astype(ms.float32) if dtype != ms.float32 else x
-        h = h * ops.rsqrt(ops.mean(ops.square(h), -1, keep_dims=True) + self.eps)
+        h = h * expand_as(ops.rsqrt(ops.mean(ops.square(h), -1, keep_dims=True) + self.eps), h)
         if self.weight is None:
             return h.astype(dtype)
         if self.weight.dtype in (ms.float16, ms.bfloat16):
-            return h.astype(self.weight.dtype) * self.weight
-        return (h * self.weight).astype(dtype)
+            return h.astype(self.weight.dtype) * expand_as(self.weight, h)
+        return (h * expand_as(self.weight, h)).astype(dtype)
+
+
+def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """x * (1 + scale) + shift for x (B, S, dim) and per-sample modulations (B, dim)."""
+    return x * expand_as(1 + scale[:, None], x) + expand_as(shift[:, None], x)
 
 
 class AdaLayerNormZero(nn.Cell):
@@ -76,8 +81,7 @@ class AdaLayerNormZero(nn.Cell):
 
     def construct(self, x: Tensor, emb: Tensor):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(self.linear(ops.silu(emb)), 6, 1)
-        x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        return modulate(self.norm(x), scale_msa, shift_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
 class AdaLayerNormZeroSingle(nn.Cell):
@@ -90,7 +94,7 @@ class AdaLayerNormZeroSingle(nn.Cell):
 
     def construct(self, x: Tensor, emb: Tensor):
         shift, scale, gate = ops.chunk(self.linear(ops.silu(emb)), 3, 1)
-        return self.norm(x) * (1 + scale[:, None]) + shift[:, None], gate
+        return modulate(self.norm(x), scale, shift), gate
 
 
 class AdaLayerNormContinuous(nn.Cell):
@@ -103,7 +107,7 @@ class AdaLayerNormContinuous(nn.Cell):
 
     def construct(self, x: Tensor, conditioning: Tensor) -> Tensor:
         scale, shift = ops.chunk(self.linear(ops.silu(conditioning).astype(x.dtype)), 2, 1)
-        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        return modulate(self.norm(x), scale, shift)
 
 
 class GroupNorm(nn.Cell):

@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..adapters.peft_mixin import PeftAdapterMixin
-from ..backend import AttentionChoice, policy
+from ..backend import AttentionChoice, expand_as, merge_heads, over_token_chunks, policy, split_heads
 from ..configuration_utils import register_to_config
 from ..modeling_utils import ModelMixin
 from .activations import gelu_tanh
@@ -35,7 +35,14 @@ from .embeddings import (
     apply_rotary_emb,
     rotate_pairs_matrix,
 )
-from .normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, LayerNorm, RMSNorm
+from .normalization import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+    LayerNorm,
+    RMSNorm,
+    modulate,
+)
 from .single_file import load_bfl_transformer
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,11 @@ _FP16_MAX = 65504.0
 def _clip_fp16(x: Tensor) -> Tensor:
     # Residual sums overflow fp16 in late blocks; diffusers clamps them the same way.
     return ops.clamp(x, -_FP16_MAX, _FP16_MAX) if x.dtype == ms.float16 else x
+
+
+def _gated(gate: Tensor, x: Tensor) -> Tensor:
+    """A block's residual branch x (B, S, dim) scaled by its per-sample gate (B, dim)."""
+    return expand_as(gate[:, None], x) * x
 
 
 def _is_batch_vector(x: Tensor, batch: int) -> bool:
@@ -74,6 +86,9 @@ class FeedForward(nn.Cell):
         self.net = nn.CellList([GELU(dim, dim * mult), nn.Identity(), nn.Dense(dim * mult, dim)])
 
     def construct(self, x: Tensor) -> Tensor:
+        return over_token_chunks(self._forward, x)  # in chunks of tokens on the CPU (backend.layout)
+
+    def _forward(self, x: Tensor) -> Tensor:
         return self.net[2](self.net[0](x))
 
 
@@ -113,11 +128,8 @@ class FluxAttention(AttentionChoice, nn.Cell):
 
     def _split_heads(self, x: Tensor, proj: nn.Cell, norm: nn.Cell | None) -> Tensor:
         """(B, S, dim) -> (B, H, S, D), RMS-normed per head when `norm` is given."""
-        b, s, _ = x.shape
-        h = proj(x).reshape(b, s, self.heads, self.head_dim)
-        if norm is not None:
-            h = norm(h)
-        return h.transpose(0, 2, 1, 3)
+        h = split_heads(proj(x), self.head_dim)
+        return norm(h) if norm is not None else h
 
     def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor | None, cos: Tensor, sin: Tensor):
         q = self._split_heads(hidden_states, self.to_q, self.norm_q)
@@ -130,9 +142,7 @@ class FluxAttention(AttentionChoice, nn.Cell):
         # The softmax scale goes into q's rotation tables, (S, D), instead of the (B, H, S, S) scores.
         q = apply_rotary_emb(q, cos * self.scale, sin * self.scale, self.rotate_pairs)
         k = apply_rotary_emb(k, cos, sin, self.rotate_pairs)
-        out = scaled_dot_product_attention(q, k, v, self.backend, scale=1.0)  # (B, H, S, D)
-        b, _, s, _ = out.shape
-        out = out.transpose(0, 2, 1, 3).reshape(b, s, self.heads * self.head_dim)
+        out = merge_heads(scaled_dot_product_attention(q, k, v, self.backend, scale=1.0))  # (B, S, H * D)
         if self.pre_only:
             return out
         text_len = encoder_hidden_states.shape[1] if self.has_context else 0
@@ -196,13 +206,13 @@ class FluxTransformerBlock(_ReusableBlock):
         c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, temb)
         attn_out, context_attn_out = self.attn(x, c, cos, sin)
 
-        hidden_states = hidden_states + gate_msa[:, None] * attn_out
-        x = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        hidden_states = hidden_states + gate_mlp[:, None] * self.ff(x)
+        hidden_states = hidden_states + _gated(gate_msa, attn_out)
+        x = modulate(self.norm2(hidden_states), scale_mlp, shift_mlp)
+        hidden_states = hidden_states + _gated(gate_mlp, self.ff(x))
 
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * context_attn_out
-        c = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * self.ff_context(c)
+        encoder_hidden_states = encoder_hidden_states + _gated(c_gate_msa, context_attn_out)
+        c = modulate(self.norm2_context(encoder_hidden_states), c_scale_mlp, c_shift_mlp)
+        encoder_hidden_states = encoder_hidden_states + _gated(c_gate_mlp, self.ff_context(c))
         return _clip_fp16(encoder_hidden_states), hidden_states
 
 
@@ -221,10 +231,13 @@ class FluxSingleTransformerBlock(_ReusableBlock):
 
     def construct(self, hidden_states: Tensor, temb: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x, gate = self.norm(hidden_states, temb)
-        mlp = gelu_tanh(self.proj_mlp(x))
         attn = self.attn(x, None, cos, sin)
-        hidden_states = hidden_states + gate[:, None] * self.proj_out(ops.cat((attn, mlp), -1))
+        # MLP and output projection are token-wise: in chunks of tokens on the CPU (backend.layout)
+        hidden_states = hidden_states + _gated(gate, over_token_chunks(self._mlp_and_out, x, attn))
         return _clip_fp16(hidden_states)
+
+    def _mlp_and_out(self, x: Tensor, attn: Tensor) -> Tensor:
+        return self.proj_out(ops.cat((attn, gelu_tanh(self.proj_mlp(x))), -1))
 
 
 class FluxTransformer2DModel(CacheMixin, AttentionBackendMixin, PeftAdapterMixin, ModelMixin):
