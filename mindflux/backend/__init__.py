@@ -15,5 +15,6 @@ from .policy import DTYPES, DevicePolicy, force_device, policy, policy_for
 from .runtime import allow_tf32, device_memory_gib, empty_cache, peak_device_memory_gib, synchronize
 
 __all__ = ["BACKENDS", "allow_tf32", "DTYPES", "AttentionChoice", "DeviceAware", "DevicePolicy", "PlainLayerNorm",
-           "device_memory_gib", "empty_cache", "flash_attention", "force_device", "peak_device_memory_gib",
-           "policy", "policy_for", "scaled_dot_product_attention", "set_attention_backend", "synchronize"]
+           "device_memory_gib", "empty_cache", "expand_as", "flash_attention", "force_device", "in_order",
+           "merge_heads", "over_token_chunks", "peak_device_memory_gib", "policy", "policy_for",
+           "scaled_dot_product_attention", "set_attention_backend", "split_heads", "synchronize"]
