@@ -15,9 +15,9 @@ within 1e-4 of their largest value. Goal (issue 16): mindflux <= 1.3x PyTorch in
 at 1024. With --keep, the PyTorch figures and output are saved there and --skip_torch reuses them
 (they do not change), so iterating on mindflux runs only its side.
 
-Memory (docs/performance.md, one run each at 1024): PyTorch 3.3-3.4 GB; mindflux graph mode 10.3 GB
-(MindSpore's CPU graph keeps about 3x the activations PyNative does), PyNative 4.2 GB but about 2x
-slower than graph mode. Check `free -g` before running on a shared machine.
+Measured (docs/performance.md, one run each at 1024, idle machine): PyTorch 3.36 GB and 45.5 s; mindflux
+graph mode 4.00 GB (1.19x) and 45.5 s (1.00x), PyNative 3.24 GB and 61.8 s. Check `free -g` before running
+on a shared machine.
 """
 
 from __future__ import annotations

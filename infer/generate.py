@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: Ascend, then GPU, then CPU")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"],
                    help="graph: the transformer compiles once per resolution (default); pynative: op by op "
-                        "(on the CPU under half the peak memory at 1024x1024, about 2x slower; docs/performance.md)")
+                        "(on the CPU 0.8x graph mode's peak memory at 1024x1024, 1.4x its time; docs/performance.md)")
     p.add_argument("--release_text_encoders", action="store_true",
                    help="free CLIP and T5 (9.8 GB in bf16) after encoding every prompt, before denoising")
     p.add_argument("--vae_tiling", action="store_true",
